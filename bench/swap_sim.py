@@ -1,0 +1,433 @@
+"""Swap scheduling on request traces: the product's own policies against a simulated clock.
+
+A discrete-event simulation of one GPU box: requests arrive, wait in per-model queues, are served
+`slots` at a time by a loaded model, and models load one at a time (an unload first costs
+`unload_seconds`). On every instant with events the simulator builds the same ModelView snapshot
+the gateway builds, calls the policy, and executes the Plan the way the scheduler must.
+
+    python bench/swap_sim.py [--seed N] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import math
+import random
+import statistics
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from policies.eviction import fits_together
+from policies.scheduling import decide, decide_fifo
+from policies.types import BatchingConfig, Budget, ModelView, Plan, State
+
+_STAYING = (State.LOADED, State.LOADING)
+
+Policy = Callable[[Mapping[str, ModelView], Budget, BatchingConfig, float], Plan]
+
+
+@dataclass(frozen=True)
+class SimModel:
+    name: str
+    load_seconds: float
+    size_gb: float = 1.0
+    priority: str = "normal"
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival: float
+    model: str
+    service: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    models: tuple[SimModel, ...]
+    requests: tuple[Request, ...]
+    budget: Budget = Budget(max_models=1)
+    slots: int = 4  # requests one loaded model serves at once; more wait inside the backend
+    unload_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    swaps: int
+    waits: tuple[float, ...]  # enqueue to lease
+    latencies: tuple[float, ...]  # arrival to completion
+    makespan: float
+
+    @property
+    def mean_latency(self) -> float:
+        return statistics.fmean(self.latencies)
+
+    @property
+    def p50_latency(self) -> float:
+        return percentile(self.latencies, 50)
+
+    @property
+    def p99_latency(self) -> float:
+        return percentile(self.latencies, 99)
+
+    @property
+    def p99_wait(self) -> float:
+        return percentile(self.waits, 99)
+
+    @property
+    def max_wait(self) -> float:
+        return max(self.waits)
+
+
+class InvalidPlan(Exception):
+    """The policy asked for something the scheduler must never do."""
+
+
+class Stuck(Exception):
+    """Requests are left but nothing will ever happen again: a policy deadlock."""
+
+
+def percentile(values: tuple[float, ...], pct: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class _Model:
+    spec: SimModel
+    state: State = State.UNLOADED
+    queue: deque[Request] = field(default_factory=deque)
+    backlog: deque[Request] = field(default_factory=deque)  # leased, waiting for a slot
+    running: int = 0
+    loaded_at: float | None = None
+    last_used: float = 0.0
+    admitting: bool = True
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + len(self.backlog)
+
+    def view(self) -> ModelView:
+        return ModelView(
+            name=self.spec.name,
+            state=self.state,
+            size_gb=self.spec.size_gb,
+            priority=self.spec.priority,
+            in_flight=self.in_flight,
+            queued=len(self.queue),
+            oldest_wait_since=self.queue[0].arrival if self.queue else None,
+            loaded_at=self.loaded_at,
+            last_used=self.last_used,
+            admitting=self.admitting,
+            load_seconds=self.spec.load_seconds,
+        )
+
+
+class _Simulation:
+    """One run. `strict_order` releases only the head run of the global arrival order, the way
+    Ollama's pending queue and llama-swap's swap lock serve requests (ABAB costs three swaps)."""
+
+    def __init__(
+        self, scenario: Scenario, policy: Policy, config: BatchingConfig, strict_order: bool
+    ) -> None:
+        self.scenario = scenario
+        self.policy = policy
+        self.config = config
+        self.strict_order = strict_order
+        self.models = {m.name: _Model(m) for m in scenario.models}
+        self.events: list[tuple[float, int, str, str, Request | None]] = []
+        self.seq = itertools.count()
+        self.swaps = 0
+        self.waits: list[float] = []
+        self.latencies: list[float] = []
+        self.wakes: set[float] = set()
+        self.clock = 0.0
+        self.last_done = 0.0
+
+    def run(self) -> Outcome:
+        for request in self.scenario.requests:
+            self._at(request.arrival, "arrive", request.model, request)
+        while self.events:
+            self.clock = self.events[0][0]
+            while self.events and self.events[0][0] == self.clock:
+                _, _, kind, name, request = heapq.heappop(self.events)
+                self._handle(kind, self.models[name], request)
+            self._decide()
+        if len(self.latencies) < len(self.scenario.requests):
+            raise Stuck(f"{len(self.scenario.requests) - len(self.latencies)} requests never served")
+        first = min(r.arrival for r in self.scenario.requests)
+        return Outcome(self.swaps, tuple(self.waits), tuple(self.latencies), self.last_done - first)
+
+    def _at(self, time: float, kind: str, name: str, request: Request | None = None) -> None:
+        heapq.heappush(self.events, (time, next(self.seq), kind, name, request))
+
+    def _handle(self, kind: str, model: _Model, request: Request | None) -> None:
+        if kind == "arrive" and request is not None:
+            self._arrive(model, request)
+        elif kind == "done":
+            self._finish(model, request)
+        elif kind == "loaded":
+            model.state, model.loaded_at, model.admitting = State.LOADED, self.clock, True
+            self.swaps += 1
+        elif kind == "unloaded":
+            model.state, model.loaded_at, model.admitting = State.UNLOADED, None, True
+
+    def _arrive(self, model: _Model, request: Request) -> None:
+        waiters = any(m.queue for m in self.models.values())
+        if model.state is State.LOADED and model.admitting and not (self.strict_order and waiters):
+            self._lease(model, request)
+        else:
+            model.queue.append(request)
+
+    def _lease(self, model: _Model, request: Request) -> None:
+        self.waits.append(self.clock - request.arrival)
+        model.last_used = self.clock
+        if model.running < self.scenario.slots:
+            self._start(model, request)
+        else:
+            model.backlog.append(request)
+
+    def _start(self, model: _Model, request: Request) -> None:
+        model.running += 1
+        self._at(self.clock + request.service, "done", model.spec.name, request)
+
+    def _finish(self, model: _Model, request: Request | None) -> None:
+        assert request is not None
+        self.latencies.append(self.clock - request.arrival)
+        self.last_done = self.clock
+        model.running -= 1
+        model.last_used = self.clock
+        if model.backlog:
+            self._start(model, model.backlog.popleft())
+
+    def _decide(self) -> None:
+        views = {name: m.view() for name, m in self.models.items()}
+        plan = self.policy(views, self.scenario.budget, self.config, self.clock)
+        self._execute(plan)
+        if any(not self.models[name].in_flight for name in plan.drain):
+            # Arrival order held its waiters back, so no lease release will come to wake us.
+            self._at(self.clock, "wake", plan.drain[0])
+        if plan.wake_at is not None and plan.wake_at not in self.wakes:
+            if plan.wake_at <= self.clock:
+                raise InvalidPlan(f"wake_at {plan.wake_at} is not in the future")
+            self.wakes.add(plan.wake_at)
+            self._at(plan.wake_at, "wake", next(iter(self.models)))
+
+    def _execute(self, plan: Plan) -> None:
+        """Admit, then drain, then evict, then load: the order the scheduler must follow."""
+        for name in plan.admit:
+            self._admit(self.models[name])
+        for name in plan.drain:
+            self.models[name].admitting = False
+        for name in plan.evict:
+            self._evict(self.models[name])
+        if plan.load is not None:
+            self._load(self.models[plan.load], delay=self.scenario.unload_seconds * bool(plan.evict))
+        self._check_budget()
+
+    def _admit(self, model: _Model) -> None:
+        if model.state is not State.LOADED:
+            raise InvalidPlan(f"admit {model.spec.name} while {model.state}")
+        model.admitting = True
+        horizon = self._head_run_end(model) if self.strict_order else math.inf
+        while model.queue and model.queue[0].arrival < horizon:
+            self._lease(model, model.queue.popleft())
+
+    def _head_run_end(self, model: _Model) -> float:
+        """Arrival of the first waiter of another model: strict order stops there."""
+        others = [m.queue[0].arrival for m in self.models.values() if m is not model and m.queue]
+        return min(others, default=math.inf)
+
+    def _evict(self, model: _Model) -> None:
+        if model.state is not State.LOADED or model.in_flight:
+            raise InvalidPlan(f"evict {model.spec.name}: {model.state}, {model.in_flight} in flight")
+        model.state = State.UNLOADING
+        self._at(self.clock + self.scenario.unload_seconds, "unloaded", model.spec.name)
+
+    def _load(self, model: _Model, delay: float) -> None:
+        if any(m.state is State.LOADING for m in self.models.values()):
+            raise InvalidPlan(f"load {model.spec.name} while another model is loading")
+        if model.state not in (State.UNLOADED, State.FAILED):
+            raise InvalidPlan(f"load {model.spec.name} while {model.state}")
+        model.state = State.LOADING
+        self._at(self.clock + delay + model.spec.load_seconds, "loaded", model.spec.name)
+
+    def _check_budget(self) -> None:
+        """Once the evictions finish, what stays and what loads must fit the budget."""
+        staying = [m.view() for m in self.models.values() if m.state in _STAYING]
+        if not fits_together(staying, self.scenario.budget):
+            raise InvalidPlan(f"over budget: {[m.name for m in staying]}")
+
+
+def simulate(
+    scenario: Scenario,
+    policy: Policy = decide,
+    config: BatchingConfig = BatchingConfig(),
+    *,
+    strict_order: bool = False,
+) -> Outcome:
+    """Replay the scenario through `policy`; raises InvalidPlan or Stuck on a policy bug."""
+    return _Simulation(scenario, policy, config, strict_order).run()
+
+
+def poisson_trace(
+    rng: random.Random, weights: Mapping[str, float], n: int, mean_gap: float
+) -> tuple[Request, ...]:
+    """Poisson arrivals, each for a model drawn by weight: interleaved, hot-and-rare, mixes."""
+    names, shares = list(weights), list(weights.values())
+    clock, requests = 0.0, []
+    for _ in range(n):
+        clock += rng.expovariate(1.0 / mean_gap)
+        requests.append(Request(clock, rng.choices(names, shares)[0], _service(rng)))
+    return tuple(requests)
+
+
+def bursty_trace(
+    rng: random.Random, names: list[str], bursts: int, burst_size: int, mean_gap: float
+) -> tuple[Request, ...]:
+    """Bursts of requests for one model (an agent's run) that start by Poisson and overlap."""
+    clock, requests = 0.0, []
+    for _ in range(bursts):
+        clock += rng.expovariate(1.0 / mean_gap)
+        name, at = rng.choice(names), clock
+        for _ in range(rng.randint(1, burst_size)):
+            at += rng.expovariate(2.0)
+            requests.append(Request(at, name, _service(rng)))
+    return tuple(sorted(requests, key=lambda r: r.arrival))
+
+
+def _service(rng: random.Random) -> float:
+    """A chat completion of a few hundred tokens."""
+    return rng.uniform(1.0, 5.0)
+
+
+_ABC = (SimModel("A", 4.0), SimModel("B", 9.0), SimModel("C", 15.0))
+_HOT = (SimModel("hot", 6.0), SimModel("r1", 10.0), SimModel("r2", 14.0), SimModel("r3", 18.0))
+_MIX = (
+    SimModel("coder", 12.0, priority="high"),
+    SimModel("chat", 5.0),
+    SimModel("embed", 2.0, priority="low"),
+    SimModel("reason", 20.0),
+    SimModel("vision", 9.0, priority="low"),
+)
+# Multi-active: a 24 GB card, loads of about 1.2 s per GB.
+_SIZED = tuple(SimModel(f"m{gb}", round(1.2 * gb, 1), size_gb=gb) for gb in (4, 6, 8, 10, 12, 16))
+
+
+def scenarios(seed: int, n: int) -> list[Scenario]:
+    """The benchmark's traces; `interleaved` ones carry the issue's targets."""
+    rng = random.Random(seed)
+    uniform = dict.fromkeys("ABC", 1.0)
+    mix_weights = {"coder": 0.3, "chat": 0.3, "embed": 0.15, "reason": 0.15, "vision": 0.1}
+    return [
+        Scenario("interleaved A/B/C, dense (3 s)", _ABC, poisson_trace(rng, uniform, n, 3.0)),
+        Scenario("interleaved A/B/C, busy (5 s)", _ABC, poisson_trace(rng, uniform, n, 5.0)),
+        Scenario("interleaved A/B/C, light (10 s)", _ABC, poisson_trace(rng, uniform, n, 10.0)),
+        Scenario("bursty agent runs", _ABC, bursty_trace(rng, ["A", "B", "C"], n // 5, 9, 15.0)),
+        Scenario(
+            "one hot + three rare",
+            _HOT,
+            poisson_trace(rng, {"hot": 0.85, "r1": 0.05, "r2": 0.05, "r3": 0.05}, n, 4.0),
+        ),
+        Scenario("poisson mix, priorities", _MIX, poisson_trace(rng, mix_weights, n, 4.0)),
+        Scenario(
+            "multi-active 24 GB, 6 models",
+            _SIZED,
+            poisson_trace(rng, {m.name: 1.0 for m in _SIZED}, n, 3.0),
+            budget=Budget(memory_gb=24.0),
+        ),
+    ]
+
+
+_RUNS: dict[str, tuple[Policy, bool]] = {
+    "fifo": (decide_fifo, True),
+    "fifo-collated": (decide_fifo, False),
+    "decide": (decide, False),
+}
+
+
+def compare(scenario: Scenario, config: BatchingConfig) -> dict[str, Outcome]:
+    """FIFO in arrival order (Ollama, llama-swap), FIFO collating each model's queue, decide."""
+    return {
+        label: simulate(scenario, policy, config, strict_order=strict)
+        for label, (policy, strict) in _RUNS.items()
+    }
+
+
+_COLUMNS = ("swaps", "mean s", "p50 s", "p99 s", "p99 wait", "max wait", "makespan")
+
+
+def _figures(outcome: Outcome) -> tuple[float, ...]:
+    return (
+        outcome.swaps,
+        outcome.mean_latency,
+        outcome.p50_latency,
+        outcome.p99_latency,
+        outcome.p99_wait,
+        outcome.max_wait,
+        outcome.makespan,
+    )
+
+
+def table(results: Mapping[str, Mapping[str, Outcome]]) -> str:
+    """A markdown table: each run's figures, then decide's ratios to both FIFOs."""
+    lines = [
+        "| scenario | run | " + " | ".join(_COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(_COLUMNS),
+    ]
+    for name, runs in results.items():
+        for label, outcome in runs.items():
+            lines.append(_row(name, label, [f"{x:.0f}" for x in _figures(outcome)]))
+        for base in ("fifo", "fifo-collated"):
+            ratios = map(_ratio, _figures(runs["decide"]), _figures(runs[base]))
+            lines.append(_row(name, f"decide / {base}", [f"{r:.2f}" for r in ratios]))
+    return "\n".join(lines)
+
+
+def _row(scenario: str, label: str, cells: list[str]) -> str:
+    return f"| {scenario} | {label} | " + " | ".join(cells) + " |"
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base else math.nan
+
+
+def targets(results: Mapping[str, Mapping[str, Outcome]], config: BatchingConfig) -> str:
+    """The issue's goals on interleaved traces: swaps <= 1/3, mean latency <= 1/2 of FIFO's,
+    p99 wait <= max_wait + one load."""
+    lines = []
+    for name, runs in results.items():
+        if name.startswith("interleaved"):
+            policy, fifo = runs["decide"], runs["fifo"]
+            bound = config.max_wait_ms / 1000 + max(m.load_seconds for m in _ABC)
+            checks = {
+                f"swaps {policy.swaps / fifo.swaps:.2f} <= 0.33": policy.swaps * 3 <= fifo.swaps,
+                f"mean {_ratio(policy.mean_latency, fifo.mean_latency):.2f} <= 0.50": (
+                    policy.mean_latency * 2 <= fifo.mean_latency
+                ),
+                f"p99 wait {policy.p99_wait:.0f} s <= {bound:.0f} s": policy.p99_wait <= bound,
+            }
+            marks = ", ".join(f"{text} {'ok' if ok else 'MISSED'}" for text, ok in checks.items())
+            lines.append(f"- {name}: {marks}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=600)
+    args = parser.parse_args(argv)
+    config = BatchingConfig()
+    results = {s.name: compare(s, config) for s in scenarios(args.seed, args.requests)}
+    print(f"seed {args.seed}, {args.requests} requests per trace, {config}\n")
+    print(table(results))
+    print("\nTargets (decide against FIFO in arrival order):")
+    print(targets(results, config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The Starlette application: routes, error rendering and the services' lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.logs import AccessLog
+from gateway.openai_api import OpenAIApi
+from gateway.relay import ClientGone
+from gateway.services import Services
+from gateway.swapper_api import SwapperApi
+
+log = structlog.get_logger("gateway")
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return GatewayError(exc.status_code, message, code="unknown_endpoint"
+                        if exc.status_code == 404 else None, headers=exc.headers).response()
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("request.crashed", error=repr(exc), exc_info=exc)
+    return GatewayError(500, "The gateway failed to handle this request.",
+                        code="internal_error").response()
+
+
+def create_app(config: GatewayConfig, services: Services | None = None) -> Starlette:
+    services = services or Services(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.start()
+        log.info("gateway.started", config=config.source, models=len(config.models))
+        try:
+            yield
+        finally:
+            await services.stop()
+            log.info("gateway.stopped")
+
+    app = Starlette(
+        routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes()],
+        middleware=[Middleware(AccessLog)],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            ClientGone: _client_gone,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,70 @@
+"""`swapper-gateway serve | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.logs import configure_logging
+
+
+def _load(path: str | None) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"swapper-gateway: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    configure_logging(config.server.log_level)
+    uvicorn.run(
+        create_app(config),
+        host=args.host or config.server.host,
+        port=args.port or config.server.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
+        loop="auto",
+        http="auto",
+    )
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    print(f"{config.source}: OK — {len(config.models)} models, {len(config.backends)} backends, "
+          f"mode {config.swapper.mode}")
+    for model in config.models.values():
+        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
+        print(f"  {model.name}{aliases} -> {model.backend}:{model.served_name}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="swapper-gateway", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the gateway")
+    run.add_argument("--config", help="swapper_config.yaml (default: $SWAPPER_CONFIG_PATH, "
+                                      "./swapper_config.yaml, or built-in defaults)")
+    run.add_argument("--host", help="bind address (default from config: 0.0.0.0)")
+    run.add_argument("--port", type=int, help="port (default from config: 8890)")
+    run.set_defaults(func=serve)
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", help="config file (default as for serve)")
+    check.set_defaults(func=check_config)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

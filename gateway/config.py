@@ -1,0 +1,424 @@
+"""Typed configuration: the old Swapper Service `swapper_config.yaml` plus the gateway's new keys.
+
+Precedence: environment variables of the old service > the YAML file > embedded defaults.
+Every validation error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget
+
+DEFAULT_PORT = 8890
+DEFAULT_OLLAMA_URL = "http://localhost:11434"
+BACKEND_KINDS = ("ollama", "openai", "process", "vllm-sleep")
+OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+_DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings")
+_MODES = ("single-active", "multi-active")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0  # TCP connect to the backend
+    read: float = 600.0  # longest silence between two chunks of an answer
+    pool: float = 30.0  # waiting for a free pooled connection
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    kind: str = "openai"
+    base_url: str | None = None
+    api_key: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 512
+    endpoints: frozenset[str] = frozenset(_DEFAULT_ENDPOINTS)
+    # process driver: one command per model, `{path}`, `{port}`, `{name}` and `{served_name}`
+    # are filled in.
+    cmd: str | None = None
+    health_path: str = "/health"
+    start_timeout: float = 120.0
+    stop_grace: float = 10.0
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str
+    served_name: str  # the backend's own name for it (the old `ollama_name`)
+    aliases: tuple[str, ...] = ()
+    type: str = "llm"
+    size_gb: float = 0.0
+    priority: str = "normal"
+    ttl_s: float = 0.0  # idle unload after this many seconds; 0 = never
+    path: str | None = None
+    num_ctx: int | None = None  # Ollama: pinned so requests cannot force a reload
+    cache_enabled: bool = True
+    cache_shared: bool = False  # one cache for all tenants instead of one per key
+
+
+@dataclass(frozen=True)
+class SwapperConfig:
+    mode: str = "single-active"
+    max_concurrent_models: int = 1
+    model_swap_timeout: float = 300.0
+    gpu_enabled: bool = True
+    metal_acceleration: bool = False
+    default_model: str | None = None
+    memory_budget_gb: float | None = None
+
+    def budget(self) -> Budget:
+        if self.mode == "single-active":
+            return Budget(max_models=1, memory_gb=self.memory_budget_gb)
+        return Budget(max_models=self.max_concurrent_models, memory_gb=self.memory_budget_gb)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 8 * 1024 * 1024
+    rewrite_model_name: bool = True  # answers name the model as the client asked for it
+    log_level: str = "info"
+    shutdown_grace_s: float = 30.0
+    heartbeat_s: float = 5.0  # SSE `: loading` comments while a streaming request waits
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    redis_url: str | None = None
+    ttl_s: float = 3600.0
+    max_entry_bytes: int = 1024 * 1024
+    max_memory_bytes: int = 64 * 1024 * 1024
+    namespace: str = "swapper"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    swapper: SwapperConfig = SwapperConfig()
+    server: ServerConfig = ServerConfig()
+    backends: Mapping[str, BackendConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    cache: CacheConfig = CacheConfig()
+    batching: BatchingConfig = BatchingConfig()
+    source: str = "<defaults>"
+
+
+class _Reader:
+    """Reads typed values out of nested YAML mappings, naming file and key on error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def section(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+        value = data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(_join(path, key), f"expected a mapping, got {_kind(value)}")
+        return value
+
+    def get(self, data: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+        value = data.get(key, default)
+        if value is None or value is default:
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool, list) and isinstance(value, kind):
+            return value
+        raise self.fail(_join(path, key), f"expected {kind.__name__}, got {_kind(value)}")
+
+    def choice(
+        self, data: Mapping[str, Any], key: str, path: str, choices: tuple[str, ...], default: str
+    ) -> str:
+        value = self.get(data, key, path, str, default)
+        if value not in choices:
+            raise self.fail(_join(path, key), f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def positive(self, value: float | None, key: str, *, allow_zero: bool = True) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__ if value is not None else "null"
+
+
+def _timeouts(reader: _Reader, data: Mapping[str, Any], path: str) -> Timeouts:
+    section = reader.section(data, "timeouts", path)
+    path = _join(path, "timeouts")
+    values = {
+        name: reader.get(section, name, path, float, getattr(Timeouts, name))
+        for name in ("connect", "read", "pool")
+    }
+    for name, value in values.items():
+        reader.positive(value, _join(path, name), allow_zero=False)
+    return Timeouts(**values)
+
+
+def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendConfig:
+    path = f"backends.{name}"
+    if not isinstance(data, Mapping):
+        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+    kind = reader.choice(data, "kind", path, BACKEND_KINDS, "openai")
+    default_url = ollama_url if kind == "ollama" else None
+    base_url = reader.get(data, "base_url", path, str, default_url)
+    if kind != "process" and not base_url:
+        raise reader.fail(_join(path, "base_url"), f"is required for kind {kind}")
+    cmd = reader.get(data, "cmd", path, str, None)
+    if kind == "process" and not cmd:
+        raise reader.fail(_join(path, "cmd"), "is required for kind process")
+    endpoints = reader.get(data, "endpoints", path, list, list(_DEFAULT_ENDPOINTS))
+    for endpoint in endpoints:
+        if endpoint not in OPENAI_ENDPOINTS:
+            raise reader.fail(
+                _join(path, "endpoints"),
+                f"unknown endpoint {endpoint!r} (known: {', '.join(OPENAI_ENDPOINTS)})",
+            )
+    env = reader.section(data, "env", path)
+    return BackendConfig(
+        name=name,
+        kind=kind,
+        base_url=_normalise_url(base_url),
+        api_key=reader.get(data, "api_key", path, str, None),
+        timeouts=_timeouts(reader, data, path),
+        max_connections=reader.get(data, "max_connections", path, int, 512),
+        endpoints=frozenset(endpoints),
+        cmd=cmd,
+        health_path=reader.get(data, "health_path", path, str, "/health"),
+        start_timeout=reader.get(data, "start_timeout", path, float, 120.0),
+        stop_grace=reader.get(data, "stop_grace", path, float, 10.0),
+        env={str(k): str(v) for k, v in env.items()},
+    )
+
+
+def _normalise_url(url: str | None) -> str | None:
+    """`http://host:8000/v1/` and `http://host:8000` name the same server."""
+    if url is None:
+        return None
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _priority(reader: _Reader, data: Mapping[str, Any], path: str) -> str:
+    value = reader.get(data, "priority", path, str, "normal")
+    value = "normal" if value == "medium" else value
+    if value not in PRIORITY_WEIGHT:
+        raise reader.fail(_join(path, "priority"), f"must be high, normal or low, got {value!r}")
+    return value
+
+
+def _model(
+    reader: _Reader, name: str, data: Any, backends: dict[str, BackendConfig], ollama_url: str
+) -> ModelConfig:
+    path = f"models.{name}"
+    if not isinstance(data, Mapping):
+        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+    model_path = reader.get(data, "path", path, str, None)
+    backend = reader.get(data, "backend", path, str, None)
+    served = reader.get(data, "served_name", path, str, None) or reader.get(
+        data, "ollama_name", path, str, None
+    )
+    if model_path and model_path.startswith("ollama:"):
+        served = served or model_path.removeprefix("ollama:")
+        if backend is None:
+            backend = "ollama"
+            backends.setdefault("ollama", BackendConfig(name="ollama", kind="ollama",
+                                                        base_url=_normalise_url(ollama_url)))
+    if backend is None:
+        raise reader.fail(_join(path, "backend"), "is required (or a path of the form ollama:NAME)")
+    if backend not in backends:
+        known = ", ".join(sorted(backends)) or "none"
+        raise reader.fail(_join(path, "backend"), f"unknown backend {backend!r} (known: {known})")
+    aliases = reader.get(data, "aliases", path, list, [])
+    if not all(isinstance(alias, str) for alias in aliases):
+        raise reader.fail(_join(path, "aliases"), "expected a list of strings")
+    cache = reader.section(data, "cache", path)
+    size_gb = reader.get(data, "size_gb", path, float, 0.0)
+    ttl = reader.get(data, "ttl", path, float, 0.0)
+    reader.positive(size_gb, _join(path, "size_gb"))
+    reader.positive(ttl, _join(path, "ttl"))
+    return ModelConfig(
+        name=name,
+        backend=backend,
+        served_name=served or name,
+        aliases=tuple(aliases),
+        type=reader.get(data, "type", path, str, "llm"),
+        size_gb=size_gb,
+        priority=_priority(reader, data, path),
+        ttl_s=ttl,
+        path=model_path,
+        num_ctx=reader.get(data, "num_ctx", path, int, None),
+        cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
+        cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
+    )
+
+
+def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> SwapperConfig:
+    section = dict(reader.section(data, "swapper", ""))
+    for var, key, kind in (
+        ("SWAPPER_MODE", "mode", str),
+        ("MAX_CONCURRENT_MODELS", "max_concurrent_models", int),
+        ("MODEL_SWAP_TIMEOUT", "model_swap_timeout", float),
+    ):
+        if env.get(var):
+            section[key] = _env_value(var, env[var], kind)
+    config = SwapperConfig(
+        mode=reader.choice(section, "mode", "swapper", _MODES, "single-active"),
+        max_concurrent_models=reader.get(section, "max_concurrent_models", "swapper", int, 1),
+        model_swap_timeout=reader.get(section, "model_swap_timeout", "swapper", float, 300.0),
+        gpu_enabled=reader.get(section, "gpu_enabled", "swapper", bool, True),
+        metal_acceleration=reader.get(section, "metal_acceleration", "swapper", bool, False),
+        default_model=reader.get(section, "default_model", "swapper", str, None),
+        memory_budget_gb=reader.get(section, "memory_budget_gb", "swapper", float, None),
+    )
+    reader.positive(config.max_concurrent_models, "swapper.max_concurrent_models", allow_zero=False)
+    reader.positive(config.model_swap_timeout, "swapper.model_swap_timeout", allow_zero=False)
+    reader.positive(config.memory_budget_gb, "swapper.memory_budget_gb", allow_zero=False)
+    return config
+
+
+def _env_value(var: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"environment: {var}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
+    section = reader.section(data, "server", "")
+    d = ServerConfig()
+    config = ServerConfig(
+        host=reader.get(section, "host", "server", str, d.host),
+        port=reader.get(section, "port", "server", int, d.port),
+        max_body_bytes=reader.get(section, "max_body_bytes", "server", int, d.max_body_bytes),
+        rewrite_model_name=reader.get(
+            section, "rewrite_model_name", "server", bool, d.rewrite_model_name
+        ),
+        log_level=reader.get(section, "log_level", "server", str, d.log_level),
+        shutdown_grace_s=reader.get(
+            section, "shutdown_grace_s", "server", float, d.shutdown_grace_s
+        ),
+        heartbeat_s=reader.get(section, "heartbeat_s", "server", float, d.heartbeat_s),
+    )
+    reader.positive(config.max_body_bytes, "server.max_body_bytes", allow_zero=False)
+    reader.positive(config.heartbeat_s, "server.heartbeat_s", allow_zero=False)
+    return config
+
+
+def _cache(reader: _Reader, data: Mapping[str, Any]) -> CacheConfig:
+    section = reader.section(data, "cache", "")
+    d = CacheConfig()
+    return CacheConfig(
+        redis_url=reader.get(section, "redis_url", "cache", str, d.redis_url),
+        ttl_s=reader.get(section, "ttl_s", "cache", float, d.ttl_s),
+        max_entry_bytes=reader.get(section, "max_entry_bytes", "cache", int, d.max_entry_bytes),
+        max_memory_bytes=reader.get(section, "max_memory_bytes", "cache", int, d.max_memory_bytes),
+        namespace=reader.get(section, "namespace", "cache", str, d.namespace),
+        enabled=reader.get(section, "enabled", "cache", bool, d.enabled),
+    )
+
+
+def _batching(reader: _Reader, data: Mapping[str, Any]) -> BatchingConfig:
+    section = reader.section(data, "batching", "")
+    d = BatchingConfig()
+    values = {
+        key: reader.get(section, key, "batching", float, getattr(d, key))
+        for key in ("window_ms", "max_wait_ms", "min_residency_ms")
+    }
+    for key, value in values.items():
+        reader.positive(value, f"batching.{key}")
+    return BatchingConfig(**values)
+
+
+def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: str | None) -> None:
+    seen: dict[str, str] = {}
+    for model in models.values():
+        for alias in (model.name, *model.aliases):
+            if alias in seen and seen[alias] != model.name:
+                raise reader.fail(
+                    f"models.{model.name}.aliases",
+                    f"name {alias!r} is already used by model {seen[alias]!r}",
+                )
+            seen[alias] = model.name
+    if default and default not in seen:
+        raise reader.fail("swapper.default_model", f"unknown model {default!r}")
+
+
+def parse_config(
+    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    env = os.environ if env is None else env
+    reader = _Reader(source)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise reader.fail("<top>", f"expected a mapping, got {_kind(data)}")
+    ollama_url = env.get("OLLAMA_BASE_URL") or DEFAULT_OLLAMA_URL
+    backend_data = reader.section(data, "backends", "")
+    backends = {
+        str(name): _backend(reader, str(name), spec, ollama_url)
+        for name, spec in backend_data.items()
+    }
+    models = {
+        str(name): _model(reader, str(name), spec, backends, ollama_url)
+        for name, spec in reader.section(data, "models", "").items()
+    }
+    if not backends:
+        backends["ollama"] = BackendConfig(name="ollama", kind="ollama",
+                                           base_url=_normalise_url(ollama_url))
+    swapper = _swapper(reader, data, env)
+    _check_names(reader, models, swapper.default_model)
+    return GatewayConfig(
+        swapper=swapper,
+        server=_server(reader, data),
+        backends=backends,
+        models=models,
+        cache=_cache(reader, data),
+        batching=_batching(reader, data),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load from `path`, else $SWAPPER_CONFIG_PATH, else ./swapper_config.yaml, else defaults."""
+    env = os.environ if env is None else env
+    candidate = path or env.get("SWAPPER_CONFIG_PATH")
+    if candidate is None and Path("swapper_config.yaml").is_file():
+        candidate = "swapper_config.yaml"
+    if candidate is None:
+        return parse_config({}, source="<defaults>", env=env)
+    file = Path(candidate)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: invalid YAML: {exc}") from None
+    return parse_config(data, source=str(file), env=env)

@@ -1,0 +1,67 @@
+"""`ollama`: load with `POST /api/generate {model, keep_alive}` and no prompt, unload with
+`keep_alive: 0`, and take `GET /api/ps` as the truth about what is resident."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from gateway.config import BackendConfig, ModelConfig
+from gateway.drivers.base import DriverError, LostCallback
+from gateway.drivers.http import answers, call
+from gateway.upstream import Upstreams
+
+
+def canonical(name: str) -> str:
+    """Ollama reports `qwen2.5` as `qwen2.5:latest`."""
+    return name if ":" in name else f"{name}:latest"
+
+
+class OllamaDriver:
+    manages_residency = True
+
+    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
+                 upstreams: Upstreams) -> None:
+        assert backend.base_url is not None
+        self.backend = backend
+        self.base_url = backend.base_url
+        self.upstreams = upstreams
+        self._by_served = {canonical(model.served_name): model.name for model in models}
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        return self.upstreams.session(self.backend.name)
+
+    async def start(self, on_lost: LostCallback) -> None:
+        pass  # losses are found by reconciling with /api/ps
+
+    async def load(self, model: ModelConfig) -> None:
+        # The gateway decides when to unload, so Ollama is asked to keep the model forever.
+        body: dict[str, Any] = {"model": model.served_name, "keep_alive": -1}
+        if model.num_ctx:
+            body["options"] = {"num_ctx": model.num_ctx}
+        answer = await call(self._session, "POST", f"{self.base_url}/api/generate", json=body)
+        if isinstance(answer, dict) and answer.get("error"):
+            raise DriverError(f"Ollama could not load {model.served_name}: {answer['error']}")
+
+    async def unload(self, model: ModelConfig) -> None:
+        body = {"model": model.served_name, "keep_alive": 0}
+        await call(self._session, "POST", f"{self.base_url}/api/generate", json=body)
+
+    async def resident(self) -> set[str] | None:
+        answer = await call(self._session, "GET", f"{self.base_url}/api/ps", limit_s=10)
+        if not isinstance(answer, dict) or not isinstance(answer.get("models"), list):
+            raise DriverError(f"Ollama's /api/ps gave an unexpected answer: {answer!r:.200}")
+        names = (entry.get("name") or entry.get("model") for entry in answer["models"])
+        return {self._by_served[canonical(n)] for n in names if canonical(n) in self._by_served}
+
+    def url_for(self, model: ModelConfig) -> str:
+        return self.base_url
+
+    async def health(self) -> bool:
+        return await answers(self._session, f"{self.base_url}/api/version")
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,95 @@
+"""structlog JSON logs and the access-log middleware: one `request.done` line per request.
+
+Every line carries the request id (taken from `X-Request-ID` when the client sends a sane one,
+returned in the answer either way). Prompts and keys are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from gateway.relay import Receive, Scope, Send
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def configure_logging(level: str = "info") -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+log = structlog.get_logger("gateway")
+
+
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+class AccessLog:
+    """ASGI middleware: assigns the request id and logs `request.done` when the answer ends."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        record: dict[str, Any] = {"status": 500, "bytes": 0, "ttfb_ms": None}
+        header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_logged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                record["status"] = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if body and record["ttfb_ms"] is None:
+                    record["ttfb_ms"] = round((time.perf_counter() - started) * 1000, 2)
+                record["bytes"] += len(body)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            log.info(
+                "request.done",
+                request_id=request_id,
+                method=scope["method"],
+                path=scope["path"],
+                model=state.get("model"),
+                backend=state.get("backend"),
+                tenant=state.get("tenant"),
+                cache=state.get("cache"),
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                **record,
+            )

@@ -1,0 +1,147 @@
+"""Forwarding one API call to its backend and turning every upstream failure into a GatewayError."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from gateway.calls import ApiCall
+from gateway.config import BackendConfig
+from gateway.errors import GatewayError
+from gateway.relay import ModelRenamer
+from gateway.upstream import Upstreams
+
+# Request headers that belong to this hop (or to the gateway's own auth), never forwarded.
+_DROP_REQUEST_HEADERS = frozenset({
+    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+    "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "cookie",
+    "accept-encoding", "expect",
+})
+_DONE_MARKER = b"data: [DONE]"
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one call goes: the backend, its base URL right now, and its name for the model."""
+
+    backend: BackendConfig
+    base_url: str
+    served_name: str
+
+
+def upstream_headers(client_headers: Mapping[str, str], backend: BackendConfig,
+                     request_id: str) -> dict[str, str]:
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"  # relay bytes as they are; never re-encode
+    headers["x-request-id"] = request_id
+    if backend.api_key:
+        headers["authorization"] = f"Bearer {backend.api_key}"
+    return headers
+
+
+def backend_failure(backend: BackendConfig, exc: BaseException) -> GatewayError:
+    """The client-facing error for a failure to talk to `backend`."""
+    name = backend.name
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return GatewayError(502, f"Backend '{name}' is unreachable: {exc.os_error}",
+                            code="backend_unreachable")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return GatewayError(504, f"Backend '{name}' did not answer in time.",
+                            code="backend_timeout")
+    return GatewayError(502, f"Backend '{name}' failed: {type(exc).__name__}: {exc}",
+                        code="backend_error")
+
+
+def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> GatewayError:
+    """A backend's own 4xx/5xx, kept as it is when OpenAI-shaped, re-wrapped otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return GatewayError(status, error["message"], code=error.get("code"),
+                            param=error.get("param"), type=error.get("type"))
+    text = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()
+    message = f"Backend '{backend.name}' answered {status}: {text[:2000] or '(empty body)'}"
+    return GatewayError(status, message, code="backend_error")
+
+
+class Proxy:
+    def __init__(self, upstreams: Upstreams, *, rename_models: bool = True) -> None:
+        self.upstreams = upstreams
+        self.rename_models = rename_models
+
+    def renamer(self, call: ApiCall, target: Target) -> ModelRenamer | None:
+        if not self.rename_models or call.model == target.served_name:
+            return None
+        return ModelRenamer(target.served_name, call.model)
+
+    async def open(self, call: ApiCall, target: Target, headers: Mapping[str, str],
+                   request_id: str) -> aiohttp.ClientResponse:
+        """Send the call; a non-2xx answer is read and raised as a GatewayError."""
+        session = self.upstreams.session(target.backend.name)
+        url = f"{target.base_url}/v1/{call.endpoint}"
+        try:
+            response = await session.post(
+                url, data=call.body_for(target.served_name),
+                headers=upstream_headers(headers, target.backend, request_id),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise backend_failure(target.backend, exc) from exc
+        if response.status >= 400:
+            try:
+                body = await response.content.read(_ERROR_BODY_LIMIT)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise backend_failure(target.backend, exc) from exc
+            finally:
+                response.close()
+            raise wrap_backend_error(target.backend, response.status, body)
+        return response
+
+    async def read_json(self, response: aiohttp.ClientResponse, target: Target,
+                        renamer: ModelRenamer | None) -> bytes:
+        """The whole JSON answer, checked to be JSON and renamed."""
+        try:
+            body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            response.close()
+            raise backend_failure(target.backend, exc) from exc
+        except BaseException:
+            response.close()  # cancelled (client gone): drop the connection, stop the backend
+            raise
+        response.release()
+        if body.lstrip()[:1] not in (b"{", b"["):
+            raise GatewayError(502, f"Backend '{target.backend.name}' returned a non-JSON answer.",
+                               code="backend_invalid_response")
+        return renamer.rename(body) if renamer else body
+
+    async def iter_stream(self, call: ApiCall, response: aiohttp.ClientResponse, target: Target,
+                          renamer: ModelRenamer | None) -> AsyncIterator[bytes]:
+        """Upstream SSE bytes as they arrive; a failure midway ends as one SSE error event."""
+        tail = b""
+        complete = False
+        try:
+            async for chunk in response.content.iter_any():
+                tail = (tail + chunk)[-64:]
+                yield renamer.feed(chunk) if renamer else chunk
+            if renamer:
+                yield renamer.flush()
+            complete = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            yield backend_failure(target.backend, exc).sse_event()
+        finally:
+            if complete:
+                response.release()
+            else:
+                response.close()  # drop the connection so the backend stops generating
+        if complete and call.endpoint in ("chat/completions", "completions") \
+                and _DONE_MARKER not in tail:
+            message = f"Backend '{target.backend.name}' ended the stream before it was complete."
+            yield GatewayError(502, message, code="backend_stream_incomplete").sse_event()
+

@@ -1,0 +1,443 @@
+"""The scheduler: leases on models, the bounded wait queue, and the swaps that serve it.
+
+Every request asks `request(model)`: a resident, admitting model gets a `Lease` at once; any
+other request becomes a `Waiter` in its model's queue. On every event (enqueue, release, load
+done, timer) the scheduler snapshots all models and asks the pure policy
+(`policies.scheduling.decide`) what to do: admit queued requests, stop admitting a model so it
+drains, unload idle models, load the next one. One swap runs at a time (one GPU box).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from gateway.catalog import Catalog
+from gateway.config import GatewayConfig, ModelConfig
+from gateway.drivers.base import Driver, DriverError
+from gateway.errors import GatewayError
+from gateway.proxy import Target
+from gateway.residency import Residency
+from policies.scheduling import decide
+from policies.types import ModelView, Plan, State
+
+log = structlog.get_logger("gateway.scheduler")
+
+RECONCILE_INTERVAL_S = 10.0
+DECISION_LOG_SIZE = 50
+
+
+@dataclass
+class Lease:
+    """The right to send requests for one model to `target` until released."""
+
+    target: Target
+    _on_release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback()
+
+
+@dataclass(eq=False)
+class Waiter:
+    model: str
+    enqueued_at: float
+    future: asyncio.Future[Lease]
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    per_model: int = 256
+    total: int = 1024
+
+
+@dataclass
+class Slot:
+    """Everything the scheduler tracks about one model."""
+
+    residency: Residency
+    driver: Driver
+    queue: deque[Waiter] = field(default_factory=deque)
+    in_flight: int = 0
+    admitting: bool = True
+    unload_requested: bool = False
+    request_count: int = 0
+    last_used: float = 0.0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.residency.model
+
+    @property
+    def managed(self) -> bool:
+        return self.driver.manages_residency
+
+    def view(self, now: float) -> ModelView:
+        r = self.residency
+        return ModelView(
+            name=r.model.name, state=r.state, size_gb=r.model.size_gb,
+            priority=r.model.priority, in_flight=self.in_flight, queued=len(self.queue),
+            oldest_wait_since=self.queue[0].enqueued_at if self.queue else None,
+            loaded_at=r.loaded_since, last_used=self.last_used,
+            admitting=self.admitting and not self.unload_requested,
+            load_seconds=r.last_load_s or 5.0,
+            retry_at=r.retry_at if r.state is State.FAILED else None,
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One line of the decision log shown in /status."""
+
+    at: float  # wall clock
+    action: str  # "load" or "unload"
+    model: str
+    waiting: int
+    reason: str
+
+
+def swap_timeout(model: str, seconds: float) -> GatewayError:
+    return GatewayError(
+        503, f"Model '{model}' was not ready within {seconds:g} s; it is still being loaded "
+        "or waiting for its turn. Retry shortly.", code="model_swap_timeout",
+        headers={"retry-after": "5", "x-should-retry": "true"},
+    )
+
+
+def load_failed(model: str, error: str, retry_in: float) -> GatewayError:
+    return GatewayError(
+        503, f"Model '{model}' failed to load: {error}", code="model_load_failed",
+        headers={"retry-after": str(max(1, math.ceil(retry_in))), "x-should-retry": "true"},
+    )
+
+
+class Scheduler:
+    def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
+                 limits: QueueLimits = QueueLimits(), clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.config = config
+        self.budget = config.swapper.budget()
+        self.limits = limits
+        self.clock = clock
+        self.drivers = drivers
+        self.slots = {
+            model.name: Slot(Residency(model), drivers[model.backend])
+            for model in catalog.models()
+        }
+        self.decisions: deque[Decision] = deque(maxlen=DECISION_LOG_SIZE)
+        self._wake = asyncio.Event()
+        self._wake_at: float | None = None
+        self._swap_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._swapping = False
+        self._closing = False
+        for slot in self.slots.values():
+            slot.idle.set()
+            if not slot.managed:
+                slot.residency.found(self.clock(), time.time())
+
+    # -- the request path -------------------------------------------------------------------
+
+    def request(self, model: ModelConfig) -> Lease | Waiter:
+        """A lease at once if the model is ready, else a place in its queue (or 429/503)."""
+        slot = self.slots[model.name]
+        now = self.clock()
+        if self._closing:
+            raise GatewayError(503, "The gateway is shutting down.", code="shutting_down",
+                               headers={"retry-after": "5"})
+        ready = slot.residency.state is State.LOADED and slot.admitting
+        if not slot.managed or (ready and not slot.unload_requested and not slot.queue):
+            return self._grant(slot, now)
+        self._refuse_failed(slot, now)
+        self._admission(slot)
+        waiter = Waiter(model.name, now, asyncio.get_running_loop().create_future())
+        slot.queue.append(waiter)
+        self.wake()
+        return waiter
+
+    async def wait(self, waiter: Waiter, timeout_s: float | None = None) -> Lease:
+        """The lease for a queued request; 503 after the swap timeout. Cancel-safe."""
+        timeout_s = timeout_s or self.config.swapper.model_swap_timeout
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise swap_timeout(waiter.model, timeout_s) from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    async def acquire(self, model: ModelConfig, timeout_s: float | None = None) -> Lease:
+        ticket = self.request(model)
+        return ticket if isinstance(ticket, Lease) else await self.wait(ticket, timeout_s)
+
+    def queue_depth(self, name: str) -> int:
+        return len(self.slots[name].queue)
+
+    def _refuse_failed(self, slot: Slot, now: float) -> None:
+        r = slot.residency
+        if r.state is State.FAILED and not r.may_load(now):
+            raise load_failed(r.model.name, r.error or "unknown error", (r.retry_at or now) - now)
+
+    def _admission(self, slot: Slot) -> None:
+        total = sum(len(s.queue) for s in self.slots.values())
+        if len(slot.queue) >= self.limits.per_model or total >= self.limits.total:
+            raise GatewayError(
+                429, f"Too many requests are waiting for model '{slot.model.name}'; "
+                "retry shortly.", code="queue_full", headers={"retry-after": "2"},
+            )
+
+    def _grant(self, slot: Slot, now: float) -> Lease:
+        slot.in_flight += 1
+        slot.request_count += 1
+        slot.last_used = now
+        slot.idle.clear()
+        target = Target(self.drivers[slot.model.backend].backend,
+                        slot.driver.url_for(slot.model), slot.model.served_name)
+        return Lease(target, lambda: self._release(slot))
+
+    def _release(self, slot: Slot) -> None:
+        slot.in_flight -= 1
+        slot.last_used = self.clock()
+        if slot.in_flight == 0:
+            slot.idle.set()
+            self.wake()
+
+    def _abandon(self, waiter: Waiter) -> None:
+        slot = self.slots[waiter.model]
+        if waiter in slot.queue:
+            slot.queue.remove(waiter)
+        elif waiter.future.done() and not waiter.future.cancelled() \
+                and waiter.future.exception() is None:
+            waiter.future.result().release()  # granted just as its client gave up
+        self.wake()
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            delay = None if self._wake_at is None else max(0.0, self._wake_at - self.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+            self._step()
+
+    def _step(self) -> None:
+        now = self.clock()
+        managed = {name: slot for name, slot in self.slots.items() if slot.managed}
+        views = {name: slot.view(now) for name, slot in managed.items()}
+        plan = decide(views, self.budget, self.config.batching, now)
+        for name, slot in managed.items():
+            slot.admitting = name not in plan.drain
+        for name in plan.admit:
+            self._admit_all(self.slots[name], now)
+        expired = self._idle_expired(now)
+        self._wake_at = min((t for t in (plan.wake_at, self._next_expiry(now)) if t is not None),
+                            default=None)
+        if self._swapping:
+            return
+        if plan.evict or plan.load:
+            self._record(plan, views)
+            self._spawn(self._swap(plan.evict, plan.load))
+        elif expired:
+            self._spawn(self._swap(expired, None, reason="idle ttl"))
+
+    def _admit_all(self, slot: Slot, now: float) -> None:
+        while slot.queue:
+            waiter = slot.queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(self._grant(slot, now))
+
+    def _idle_expired(self, now: float) -> tuple[str, ...]:
+        return tuple(
+            name for name, slot in self.slots.items()
+            if slot.managed and slot.model.ttl_s > 0 and slot.residency.state is State.LOADED
+            and slot.in_flight == 0 and not slot.queue
+            and now - slot.last_used >= slot.model.ttl_s
+        )
+
+    def _next_expiry(self, now: float) -> float | None:
+        times = [
+            slot.last_used + slot.model.ttl_s for slot in self.slots.values()
+            if slot.managed and slot.model.ttl_s > 0 and slot.residency.state is State.LOADED
+        ]
+        return min(times, default=None)
+
+    def _record(self, plan: Plan, views: Mapping[str, ModelView]) -> None:
+        wall = time.time()
+        for name in plan.evict:
+            self.decisions.append(Decision(wall, "unload", name, 0, plan.reason))
+        if plan.load:
+            self.decisions.append(
+                Decision(wall, "load", plan.load, views[plan.load].queued, plan.reason))
+        log.info("scheduler.plan", load=plan.load, evict=plan.evict, drain=plan.drain,
+                 reason=plan.reason)
+
+    # -- swapping ---------------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _swap(self, evict: tuple[str, ...], load: str | None, reason: str = "") -> None:
+        self._swapping = True
+        try:
+            async with self._swap_lock:
+                for name in evict:
+                    await self._unload(self.slots[name], reason)
+                if load is not None:
+                    await self._load(self.slots[load])
+        finally:
+            self._swapping = False
+            self.wake()
+
+    async def _load(self, slot: Slot) -> None:
+        r = slot.residency
+        r.begin_load(self.clock())
+        log.info("model.loading", model=r.model.name, queued=len(slot.queue))
+        try:
+            async with asyncio.timeout(self.config.swapper.model_swap_timeout):
+                await slot.driver.load(r.model)
+        except (DriverError, TimeoutError) as exc:
+            error = str(exc) or f"no answer within {self.config.swapper.model_swap_timeout:g} s"
+            r.load_failed(self.clock(), error)
+            log.warning("model.load_failed", model=r.model.name, error=error,
+                        retry_in_s=round((r.retry_at or 0) - self.clock(), 1))
+            self._fail_queue(slot, load_failed(r.model.name, error, (r.retry_at or 0) -
+                                               self.clock()))
+            return
+        r.loaded(self.clock(), time.time())
+        log.info("model.loaded", model=r.model.name, seconds=round(r.last_load_s or 0, 3))
+
+    async def _unload(self, slot: Slot, reason: str = "") -> None:
+        r = slot.residency
+        if r.state is not State.LOADED or slot.in_flight:
+            return
+        r.begin_unload()
+        log.info("model.unloading", model=r.model.name, reason=reason or None)
+        try:
+            await slot.driver.unload(r.model)
+        except DriverError as exc:
+            # The memory may still be held; reconciling with the backend's truth will tell.
+            log.warning("model.unload_failed", model=r.model.name, error=str(exc))
+        r.unloaded(self.clock(), time.time())
+        log.info("model.unloaded", model=r.model.name)
+
+    def _fail_queue(self, slot: Slot, error: GatewayError) -> None:
+        while slot.queue:
+            waiter = slot.queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    # -- the admin API ----------------------------------------------------------------------
+
+    async def load(self, name: str, timeout_s: float | None = None) -> None:
+        """Load a model now (as a request for it would), evicting others as the policy says."""
+        slot = self.slots[name]
+        slot.unload_requested = False
+        if slot.managed:
+            (await self.acquire(slot.model, timeout_s)).release()
+
+    async def unload(self, name: str) -> None:
+        """Stop admitting, let in-flight requests finish, then unload."""
+        slot = self.slots[name]
+        if not slot.managed or slot.residency.state is not State.LOADED:
+            return
+        slot.unload_requested = True
+        try:
+            await slot.idle.wait()
+            async with self._swap_lock:
+                if slot.in_flight == 0:
+                    await self._unload(slot, "requested")
+        finally:
+            slot.unload_requested = False
+            self.wake()
+
+    # -- truth from the backends ------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Align the states with what each backend says it holds."""
+        for driver in {id(s.driver): s.driver for s in self.slots.values() if s.managed}.values():
+            slots = [s for s in self.slots.values() if s.driver is driver]
+            before = {id(s): s.residency.generation for s in slots}
+            try:
+                truth = await driver.resident()
+            except DriverError as exc:
+                log.warning("reconcile.failed", backend=driver.backend.name, error=str(exc))
+                continue
+            if truth is None:
+                continue
+            for slot in slots:
+                if slot.residency.generation == before[id(slot)]:
+                    self._align(slot, slot.model.name in truth)
+        self.wake()
+
+    def _align(self, slot: Slot, resident: bool) -> None:
+        r = slot.residency
+        if r.state is State.LOADED and not resident and slot.in_flight == 0:
+            r.lost(self.clock(), time.time())
+            log.info("model.lost", model=r.model.name, reason="not resident on the backend")
+        elif r.state in (State.UNLOADED, State.FAILED) and resident:
+            r.found(self.clock(), time.time())
+            log.info("model.found", model=r.model.name, reason="resident on the backend")
+
+    def model_lost(self, name: str, reason: str) -> None:
+        """A driver's report that a loaded model went away (its process crashed)."""
+        slot = self.slots.get(name)
+        if slot is None or slot.residency.state not in (State.LOADED, State.UNLOADING):
+            return
+        slot.residency.crashed(self.clock(), time.time(), reason)
+        log.warning("model.crashed", model=name, reason=reason)
+        self.wake()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            await self.reconcile()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for driver in {id(d): d for d in self.drivers.values()}.values():
+            await driver.start(self.model_lost)
+        await self.reconcile()
+        self._spawn(self._run())
+        self._spawn(self._reconcile_forever())
+        default = self.config.swapper.default_model
+        if default:
+            self._spawn(self._preload(default))
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except GatewayError as exc:
+            log.warning("model.preload_failed", model=name, error=exc.message)
+
+    async def stop(self) -> None:
+        self._closing = True
+        closing = GatewayError(503, "The gateway is shutting down.", code="shutting_down",
+                               headers={"retry-after": "5"})
+        for slot in self.slots.values():
+            self._fail_queue(slot, closing)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for driver in {id(d): d for d in self.drivers.values()}.values():
+            await driver.close()

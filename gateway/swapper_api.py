@@ -1,0 +1,167 @@
+"""The old Swapper Service's REST API (the port 8890 contract), plus the gateway's additions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway import __version__
+from gateway.errors import model_not_found
+from gateway.metrics import registry_for, render, wants_prometheus
+from gateway.scheduler import Slot
+from gateway.services import Services
+from policies.types import State
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _iso(wall: float | None) -> str | None:
+    return datetime.fromtimestamp(wall, UTC).isoformat() if wall is not None else None
+
+
+class SwapperApi:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.registry = registry_for(services.scheduler)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/status", self.status, methods=["GET"]),
+            Route("/models", self.list_models, methods=["GET"]),
+            Route("/models/{name:path}/load", self.load, methods=["POST"]),
+            Route("/models/{name:path}/unload", self.unload, methods=["POST"]),
+            Route("/models/{name:path}", self.get_model, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/metrics/{name:path}", self.model_metrics, methods=["GET"]),
+        ]
+
+    @property
+    def _slots(self) -> dict[str, Slot]:
+        return self.services.scheduler.slots
+
+    def _slot(self, request: Request) -> Slot:
+        model = self.services.catalog.resolve(request.path_params["name"])
+        slot = self._slots.get(model.name)
+        if slot is None:
+            raise model_not_found(request.path_params["name"])
+        return slot
+
+    def _loaded(self) -> list[str]:
+        return [n for n, s in self._slots.items() if s.residency.state is State.LOADED]
+
+    async def health(self, request: Request) -> Response:
+        loaded = self._loaded()
+        return _json({
+            "status": "healthy",
+            "service": "swapper-gateway",
+            "version": __version__,
+            "mode": self.services.config.swapper.mode,
+            "active_model": loaded[0] if loaded else None,
+        })
+
+    async def status(self, request: Request) -> Response:
+        scheduler = self.services.scheduler
+        loaded = self._loaded()
+        return _json({
+            "status": "running",
+            "active_model": loaded[0] if loaded else None,
+            "available_models": list(self._slots),
+            "loaded_models": loaded,
+            "mode": self.services.config.swapper.mode,
+            "total_models": len(self._slots),
+            "max_concurrent_models": self.services.config.swapper.max_concurrent_models,
+            "memory_budget_gb": self.services.config.swapper.memory_budget_gb,
+            "resident_gb": sum(s.model.size_gb for s in self._slots.values()
+                               if s.managed and s.residency.state is State.LOADED),
+            "models": {name: self._model_status(slot) for name, slot in self._slots.items()},
+            "decisions": [
+                {"at": _iso(d.at), "action": d.action, "model": d.model,
+                 "waiting": d.waiting, "reason": d.reason}
+                for d in reversed(scheduler.decisions)
+            ],
+        })
+
+    def _model_status(self, slot: Slot) -> dict[str, Any]:
+        r = slot.residency
+        return {
+            "status": r.state.value,
+            "backend": slot.model.backend,
+            "queue_depth": len(slot.queue),
+            "in_flight": slot.in_flight,
+            "error": r.error,
+        }
+
+    def _describe(self, slot: Slot) -> dict[str, Any]:
+        r, model = slot.residency, slot.model
+        return {
+            "name": model.name,
+            "ollama_name": model.served_name,
+            "type": model.type,
+            "size_gb": model.size_gb,
+            "priority": model.priority,
+            "status": r.state.value,
+            "loaded_at": _iso(r.loaded_at),
+            "unloaded_at": _iso(r.unloaded_at),
+            "total_uptime_seconds": round(r.uptime_s(self.services.scheduler.clock()), 3),
+            "backend": model.backend,
+            "aliases": list(model.aliases),
+            "request_count": slot.request_count,
+            "load_count": r.load_count,
+            "last_load_seconds": r.last_load_s,
+            "error": r.error,
+        }
+
+    def _metrics(self, slot: Slot) -> dict[str, Any]:
+        r = slot.residency
+        uptime = r.uptime_s(self.services.scheduler.clock())
+        return {
+            "model_name": slot.model.name,
+            "status": r.state.value,
+            "loaded_at": _iso(r.loaded_at),
+            "uptime_hours": round(uptime / 3600, 6),
+            "request_count": slot.request_count,
+            "total_uptime_seconds": round(uptime, 3),
+            "load_count": r.load_count,
+            "last_load_seconds": r.last_load_s,
+        }
+
+    async def list_models(self, request: Request) -> Response:
+        models = [self._describe(slot) for slot in self._slots.values()]
+        return _json({"models": models, "total_models": len(models)})
+
+    async def get_model(self, request: Request) -> Response:
+        return _json(self._describe(self._slot(request)))
+
+    async def load(self, request: Request) -> Response:
+        slot = self._slot(request)
+        await self.services.scheduler.load(slot.model.name)
+        return _json({"status": "success", "model": slot.model.name,
+                      "message": f"Model {slot.model.name} loaded",
+                      "model_status": slot.residency.state.value})
+
+    async def unload(self, request: Request) -> Response:
+        slot = self._slot(request)
+        await self.services.scheduler.unload(slot.model.name)
+        return _json({"status": "success", "model": slot.model.name,
+                      "message": f"Model {slot.model.name} unloaded",
+                      "model_status": slot.residency.state.value})
+
+    async def metrics(self, request: Request) -> Response:
+        accept = request.headers.get("accept", "")
+        if wants_prometheus(accept):
+            body, content_type = render(self.registry, accept)
+            return Response(body, media_type=content_type)
+        metrics = [self._metrics(slot) for slot in self._slots.values()]
+        return _json({"models": metrics,
+                      "total_requests": sum(m["request_count"] for m in metrics)})
+
+    async def model_metrics(self, request: Request) -> Response:
+        return _json(self._metrics(self._slot(request)))

@@ -1,0 +1,1 @@
+"""Pure decisions: no I/O, no clock of their own (time is always passed in)."""

@@ -1,0 +1,231 @@
+"""Which model to swap in next from queued demand: the swap-aware policy and the FIFO baseline.
+
+Both are pure: the scheduler passes a snapshot and the time, executes the returned Plan, and calls
+again on every event (request queued, lease released, load or unload finished) and at `wake_at`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from policies.eviction import choose_victims, fits_at_all, fits_beside, is_idle
+from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView, Plan, State
+
+Models = Mapping[str, ModelView]
+
+_TRANSITION = "waiting for a load or unload to finish"
+
+
+def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
+    """Swap-aware: group demand so that one load serves many requests, bounded by max_wait.
+
+    In order: a waiter about to pass max_wait wins outright; a model that fits beside the
+    residents loads at once; otherwise, when several models want the box, demand is gathered for
+    the window, the best score wins, and residents keep their minimum residency while active.
+    """
+    admit = admissible(models)
+    if in_transition(models):
+        return Plan(admit=admit, reason=_TRANSITION)
+    waiting = swap_candidates(models, budget, now)
+    stalled = stalled_drains(models)
+    if not waiting:
+        return Plan(admit=admit + _names(stalled), reason="no swap needed")
+    turn = _Turn(models, budget, admit, _scores(waiting, config, now), _next_change(models, config, now))
+    urgent = most_overdue([*waiting, *stalled], config, now)
+    if urgent is not None:
+        return turn.override(urgent, "max_wait override")
+    free = [m for m in waiting if fits_beside(m, models, budget)]
+    if free:
+        return turn.swap_to(turn.best(free), frozenset(), "fits")
+    if contested(models, waiting, config, now) and now < window_end(waiting, config):
+        return turn.hold("window: gathering demand")
+    return turn.swap_to(turn.best(waiting), protected(models, config, now), "window")
+
+
+def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
+    """Arrival order, like Ollama and llama-swap: swap at once to the oldest waiter's model.
+
+    Its Plan releases a model's whole queue; a simulator that wants the strict arrival order of
+    those proxies (ABAB costs three swaps) must release only the waiters ahead of other models'.
+    """
+    admit = admissible(models)
+    if in_transition(models):
+        return Plan(admit=admit, reason=_TRANSITION)
+    waiting = [*swap_candidates(models, budget, now), *stalled_drains(models)]
+    if not waiting:
+        return Plan(admit=admit, reason="no swap needed")
+    oldest = min(waiting, key=_oldest_since)
+    return _Turn(models, budget, admit, {}, None).override(oldest, "fifo")
+
+
+def score(model: ModelView, config: BatchingConfig, now: float) -> float:
+    """Queued requests × priority weight, doubling as the oldest waiter's age nears max_wait."""
+    weight = PRIORITY_WEIGHT.get(model.priority, 1.0)
+    return model.queued * weight * (1.0 + _age(model, now) / _seconds(config.max_wait_ms))
+
+
+def admissible(models: Models) -> tuple[str, ...]:
+    """Loaded, admitting models with queued requests: release them now."""
+    return _names(
+        m for m in models.values() if m.state is State.LOADED and m.admitting and m.queued > 0
+    )
+
+
+def in_transition(models: Models) -> bool:
+    """A load or unload is running: the box does one at a time, so no new load may start."""
+    return any(m.state in (State.LOADING, State.UNLOADING) for m in models.values())
+
+
+def swap_candidates(models: Models, budget: Budget, now: float) -> list[ModelView]:
+    """Models with waiters that need a load and may have one now."""
+    return [
+        m for m in models.values() if m.queued > 0 and _loadable(m, now) and fits_at_all(m, budget)
+    ]
+
+
+def stalled_drains(models: Models) -> list[ModelView]:
+    """Loaded models being drained whose new requests queued behind the drain."""
+    return [
+        m
+        for m in models.values()
+        if m.state is State.LOADED and not m.admitting and m.queued > 0
+    ]
+
+
+def most_overdue(waiting: list[ModelView], config: BatchingConfig, now: float) -> ModelView | None:
+    """The oldest waiter's model, once some waiter must be served now to meet max_wait."""
+    overdue = [m for m in waiting if now >= _deadline(m, config)]
+    return min(overdue, key=_oldest_since) if overdue else None
+
+
+def contested(
+    models: Models, waiting: list[ModelView], config: BatchingConfig, now: float
+) -> bool:
+    """Several models want the box: more than one waits, or a loaded one is still active."""
+    return len(waiting) > 1 or any(
+        m.state is State.LOADED and _active(m, config, now) for m in models.values()
+    )
+
+
+def window_end(waiting: Iterable[ModelView], config: BatchingConfig) -> float:
+    """The window runs from the enqueue time of the oldest waiter that needs a swap."""
+    return min(map(_oldest_since, waiting)) + _seconds(config.window_ms)
+
+
+def protected(models: Models, config: BatchingConfig, now: float) -> frozenset[str]:
+    """Loaded models inside their minimum residency whose burst is still going on."""
+    return frozenset(
+        m.name
+        for m in models.values()
+        if m.state is State.LOADED and now < _residency_end(m, config) and _active(m, config, now)
+    )
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """What every plan of one decision shares."""
+
+    models: Models
+    budget: Budget
+    admit: tuple[str, ...]
+    scores: dict[str, float]
+    wake_at: float | None
+
+    def best(self, candidates: list[ModelView]) -> ModelView:
+        """Highest score; ties go to the oldest waiter."""
+        return max(candidates, key=lambda m: (self.scores[m.name], -_oldest_since(m)))
+
+    def hold(self, reason: str) -> Plan:
+        return Plan(admit=self.admit, wake_at=self.wake_at, reason=reason, scores=self.scores)
+
+    def override(self, oldest: ModelView, why: str) -> Plan:
+        """Serve the oldest waiter's model whatever residency says; a drained one resumes."""
+        if not oldest.resident:
+            return self.swap_to(oldest, frozenset(), why)
+        return Plan(
+            admit=(*self.admit, oldest.name),
+            wake_at=self.wake_at,
+            reason=f"{why}: {oldest.name} resumes",
+            scores=self.scores,
+        )
+
+    def swap_to(self, winner: ModelView, keep: frozenset[str], why: str) -> Plan:
+        """Make room: evict idle victims now, drain busy ones, load once nothing is draining."""
+        victims = choose_victims(winner, self.models, self.budget, keep)
+        if victims is None:
+            return self.hold(f"min residency: {', '.join(sorted(keep))} kept")
+        evict = tuple(v for v in victims if is_idle(self.models[v]))
+        drain = tuple(v for v in victims if v not in evict)
+        return Plan(
+            load=None if drain else winner.name,
+            evict=evict,
+            drain=drain,
+            admit=self.admit,
+            wake_at=self.wake_at,
+            reason=f"{why}: {winner.name} ({winner.queued} queued x {winner.priority})",
+            scores=self.scores,
+        )
+
+
+def _scores(waiting: list[ModelView], config: BatchingConfig, now: float) -> dict[str, float]:
+    return {m.name: score(m, config, now) for m in waiting}
+
+
+def _next_change(models: Models, config: BatchingConfig, now: float) -> float | None:
+    """The earliest future instant at which the decision could change without any event.
+
+    Waking early is harmless (the same plan comes back), so every such instant is a candidate.
+    """
+    window = _seconds(config.window_ms)
+    waiting = [m for m in models.values() if m.queued > 0]
+    loaded = [m for m in models.values() if m.state is State.LOADED]
+    times = [
+        *(_deadline(m, config) for m in waiting),
+        *(_oldest_since(m) + window for m in waiting),
+        *(_residency_end(m, config) for m in loaded),
+        *(m.last_used + window for m in loaded),
+        *(m.retry_at for m in waiting if m.retry_at is not None),
+    ]
+    return min((t for t in times if t > now), default=None)
+
+
+def _deadline(model: ModelView, config: BatchingConfig) -> float:
+    """Latest start that still serves the oldest waiter within max_wait: its load comes first."""
+    load = 0.0 if model.resident else model.load_seconds
+    return _oldest_since(model) + _seconds(config.max_wait_ms) - load
+
+
+def _residency_end(model: ModelView, config: BatchingConfig) -> float:
+    loaded_at = model.loaded_at if model.loaded_at is not None else -math.inf
+    return loaded_at + _seconds(config.min_residency_ms)
+
+
+def _active(model: ModelView, config: BatchingConfig, now: float) -> bool:
+    """Its burst goes on: requests in flight or queued, or a lease ended within the window."""
+    recent = now - model.last_used < _seconds(config.window_ms)
+    return model.busy or model.queued > 0 or recent
+
+
+def _loadable(model: ModelView, now: float) -> bool:
+    """Unloaded, or failed with its retry time passed."""
+    if model.state is State.FAILED:
+        return model.retry_at is None or model.retry_at <= now
+    return model.state is State.UNLOADED
+
+
+def _age(model: ModelView, now: float) -> float:
+    return max(0.0, now - _oldest_since(model))
+
+
+def _oldest_since(model: ModelView) -> float:
+    return model.oldest_wait_since if model.oldest_wait_since is not None else math.inf
+
+
+def _seconds(ms: float) -> float:
+    return ms / 1000.0
+
+
+def _names(models: Iterable[ModelView]) -> tuple[str, ...]:
+    return tuple(m.name for m in models)

@@ -1,0 +1,85 @@
+"""Value types the pure policies decide over; the gateway builds them from its live state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class State(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+# Old Swapper Service priorities; a larger weight is served first.
+PRIORITY_WEIGHT = {"high": 3.0, "normal": 2.0, "low": 1.0}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much may be resident at once; None means no limit."""
+
+    max_models: int | None = None
+    memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One model as the policies see it at an instant."""
+
+    name: str
+    state: State = State.UNLOADED
+    size_gb: float = 0.0
+    priority: str = "normal"
+    in_flight: int = 0  # leases held right now
+    queued: int = 0  # requests waiting for this model
+    oldest_wait_since: float | None = None  # enqueue time of its oldest waiter
+    loaded_at: float | None = None  # when it became loaded (for min residency)
+    last_used: float = 0.0  # last lease start or end
+    admitting: bool = True  # False while the scheduler drains it to swap it out
+    load_seconds: float = 5.0  # estimate of one load
+    retry_at: float | None = None  # a failed model may not be loaded before this
+
+    @property
+    def resident(self) -> bool:
+        """Counts toward the budget: loaded, loading or still unloading."""
+        return self.state in (State.LOADED, State.LOADING, State.UNLOADING)
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Defaults tuned with bench/swap_sim.py for loads of 2-20 s; window_ms 0 turns grouping off."""
+
+    # Gather competing demand this long before choosing a swap; a burst also goes on while its
+    # requests come less than a window apart.
+    window_ms: float = 8_000.0
+    max_wait_ms: float = 60_000.0  # age after which a waiter overrides every other preference
+    min_residency_ms: float = 20_000.0  # keep a swapped-in model this long while it has demand
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the scheduler should do now.
+
+    load: model to start loading now (it fits once `evict` are unloaded).
+    evict: idle resident models to unload now (never one with in_flight > 0).
+    drain: resident models that must stop admitting new requests so they can be evicted later.
+    admit: models whose queued requests may be released now (resident, loaded and admitting).
+    wake_at: when to decide again even if nothing happens (None: only on the next event).
+    reason: one short human-readable line for the decision log.
+    """
+
+    load: str | None = None
+    evict: tuple[str, ...] = ()
+    drain: tuple[str, ...] = ()
+    admit: tuple[str, ...] = ()
+    wake_at: float | None = None
+    reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,880 @@
+"""A vLLM-like OpenAI-compatible server for the gateway's tests.
+
+Answers are synthesised, not generated: the text is a pure function of (model, prompt, seed), so
+a test can predict it and check that the gateway relayed it byte-for-byte. Every observable
+(requests, in-flight streams, client cancellations, sleeps) is counted on ``app.state.emulator``,
+and failure modes can be switched on at runtime with ``state.fail(mode)``.
+
+This module also holds the OpenAI-protocol pieces (reply synthesis, SSE framing, embeddings,
+stream tracking) that the Ollama emulator's ``/v1`` layer reuses. It imports nothing from the
+``tests`` package so that it also runs as a plain script, which is how a process driver starts
+it::
+
+    python -m tests.emulators.openai_server --port 8001 --model m1 [--model m2]
+        [--startup-delay S] [--token-delay S] [--embedding] [--sleep-mode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import logging
+import signal
+import socket
+import struct
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic answers
+# ---------------------------------------------------------------------------------------------
+
+# Multi-byte characters, quotes, escapes and newlines, so a relay that re-encodes shows up.
+VOCAB = (
+    "The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ",", ".",
+    "\n", " naïve", " café", " “quoted”", ' "escaped"', " 🙂", " 42", " tab\t", " back\\slash",
+)  # fmt: skip
+
+DROP_AFTER = 2  # content frames a "drop" stream sends before the connection dies
+EMBEDDING_DIM = 16
+
+
+def digest(*parts: object) -> bytes:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+
+
+def synth_tokens(seed: bytes, count: int) -> list[str]:
+    """`count` tokens drawn from VOCAB by a hash chain: the same seed always gives the same text."""
+    tokens: list[str] = []
+    block = seed
+    while len(tokens) < count:
+        block = hashlib.sha256(block).digest()
+        tokens.extend(VOCAB[b % len(VOCAB)] for b in block[: count - len(tokens)])
+    return tokens
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def message_text(content: Any) -> str:
+    """Text of an OpenAI message content: a string or a list of parts (text / input_text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def chat_prompt(messages: list[Any]) -> str:
+    return "\n".join(
+        f"{m.get('role')}: {message_text(m.get('content'))}"
+        for m in messages
+        if isinstance(m, dict)
+    )
+
+
+def sample_json(schema: Any, words: list[str]) -> Any:
+    """A value that satisfies a (simple) JSON schema, derived from the synthesised words."""
+    if not isinstance(schema, dict):
+        return "".join(words).strip()
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {name: sample_json(sub, words) for name, sub in properties.items()}
+    if kind == "array":
+        return [sample_json(schema.get("items"), words)]
+    if kind == "integer":
+        return len(words)
+    if kind == "number":
+        return len(words) / 2
+    if kind == "boolean":
+        return len(words) % 2 == 0
+    return "".join(words).strip()
+
+
+def response_schema(response_format: Any) -> dict[str, Any] | None:
+    """The schema a `response_format` asks for; json_object gets a one-field object."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        return {"type": "object", "properties": {"response": {"type": "string"}}}
+    if response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        return spec.get("schema") or {"type": "object"}
+    return None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One synthesised completion: content pieces (one per token) or tool calls."""
+
+    pieces: tuple[str, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def plan_text(
+    model: str,
+    prompt: str,
+    *,
+    tokens: int,
+    max_tokens: int | None = None,
+    seed: Any = None,
+    schema: dict[str, Any] | None = None,
+) -> Reply:
+    """A text (or JSON, when a schema is given) reply of `tokens` tokens, cut at `max_tokens`."""
+    words = synth_tokens(digest(model, prompt, seed), tokens)
+    if schema is None:
+        pieces = words
+    else:
+        encoded = orjson.dumps(sample_json(schema, words)).decode()
+        pieces = [encoded[i : i + 8] for i in range(0, len(encoded), 8)]
+    finish = "stop"
+    if isinstance(max_tokens, int) and 0 < max_tokens < len(pieces):  # <= 0 means "no limit"
+        pieces, finish = pieces[:max_tokens], "length"
+    return Reply(tuple(pieces), finish, count_tokens(prompt), len(pieces))
+
+
+def pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool the emulated model calls, if any: `tool_choice` wins, else the first tool."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    choice = body.get("tool_choice", "auto")
+    messages = body.get("messages") or []
+    if not tools or choice == "none":
+        return None
+    # Once it has a tool's result the model answers in text, so agent loops terminate.
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+        return None
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        return next((t for t in tools if (t.get("function") or {}).get("name") == wanted), tools[0])
+    return tools[0]
+
+
+def plan_chat(model: str, body: dict[str, Any], tokens: int) -> Reply:
+    """The reply to an OpenAI chat request: a tool call when tools are offered, else text/JSON."""
+    prompt = chat_prompt(body.get("messages") or [])
+    tool = pick_tool(body)
+    if tool is None:
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        schema = response_schema(body.get("response_format"))
+        return plan_text(
+            model, prompt, tokens=tokens, max_tokens=limit, seed=body.get("seed"), schema=schema
+        )
+    function = tool.get("function") or {}
+    name = str(function.get("name", ""))
+    words = synth_tokens(digest(model, prompt, body.get("seed"), name), tokens)
+    call = {
+        "id": "call_" + digest(model, prompt, name).hex()[:24],
+        "type": "function",
+        "function": {
+            "name": name,
+            "arguments": orjson.dumps(sample_json(function.get("parameters"), words)).decode(),
+        },
+    }
+    return Reply((), "tool_calls", count_tokens(prompt), tokens, (call,))
+
+
+def embedding_vector(model: str, text: str, dims: int = EMBEDDING_DIM) -> list[float]:
+    """A unit vector derived from a hash of (model, text), exactly representable as float32."""
+    raw = b"".join(
+        hashlib.sha256(digest(model, text, i)).digest() for i in range(-(-dims * 2 // 32))
+    )
+    values = [int.from_bytes(raw[2 * i : 2 * i + 2], "big") / 32767.5 - 1.0 for i in range(dims)]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    # A float32 round trip makes the float and base64 encodings carry identical numbers.
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *(v / norm for v in values))))
+
+
+def encode_embedding(vector: list[float], encoding_format: Any) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def embedding_inputs(value: Any) -> list[str] | None:
+    """Texts of an embeddings `input`: a string, a list of strings or token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(v, int) for v in value):
+        return [" ".join(map(str, value))]
+    if all(isinstance(v, str | list) for v in value):
+        return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Delivery: JSON after the generation time, or paced streams that report how they ended
+# ---------------------------------------------------------------------------------------------
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class JsonAnswer:
+    payload: Any
+    tokens: int  # generation time, in token delays, before the document is sent
+
+
+@dataclass(frozen=True)
+class StreamAnswer:
+    head: tuple[bytes, ...]  # sent at once
+    body: tuple[bytes, ...]  # one frame per token, each after a token delay
+    tail: tuple[bytes, ...]  # finish reason, usage, terminator
+    media_type: str = "text/event-stream"
+
+
+Answer = JsonAnswer | StreamAnswer
+OnEnd = Callable[[str, bytes], None]  # (outcome: complete|cancelled|error, bytes sent)
+
+
+class StreamDropped(Exception):
+    """Raised inside a body iterator so the server aborts the connection mid-response."""
+
+
+class _HideDroppedStreams(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StreamDropped))
+
+
+def hide_dropped_stream_logs() -> None:
+    """Deliberate drops are not errors worth a traceback in the test output."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _HideDroppedStreams) for f in logger.filters):
+        logger.addFilter(_HideDroppedStreams())
+
+
+class TrackedStream(StreamingResponse):
+    """A streaming response that reports exactly once how it ended, and what it sent.
+
+    Starlette cancels the body when the client disconnects, possibly while the iterator is
+    parked at a ``yield`` where no ``finally`` of its own would run; wrapping ``__call__`` is the
+    one place that sees every ending: completion, client disconnect, or a deliberate abort.
+    """
+
+    def __init__(self, frames: AsyncGenerator[bytes], media_type: str, on_end: OnEnd) -> None:
+        self._frames = frames
+        self._sent: list[bytes] = []
+        self._complete = False
+        self._on_end = on_end
+        self._relay_gen = self._relay()
+        super().__init__(self._relay_gen, media_type=media_type)
+
+    async def _relay(self) -> AsyncGenerator[bytes]:
+        async for frame in self._frames:
+            self._sent.append(frame)
+            yield frame
+        self._complete = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = "cancelled"
+        try:
+            await super().__call__(scope, receive, send)
+            if self._complete:
+                outcome = "complete"
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            await self._relay_gen.aclose()
+            await self._frames.aclose()
+            self._on_end(outcome, b"".join(self._sent))
+
+
+async def paced(
+    answer: StreamAnswer, token_delay: float, *, drop: bool = False
+) -> AsyncGenerator[bytes]:
+    for frame in answer.head:
+        yield frame
+    for frame in answer.body[:DROP_AFTER] if drop else answer.body:
+        if token_delay:
+            await asyncio.sleep(token_delay)
+        yield frame
+    if drop:
+        raise StreamDropped("emulated connection drop")
+    for frame in answer.tail:
+        yield frame
+
+
+async def _truncated(data: bytes) -> AsyncGenerator[bytes]:
+    yield data[: len(data) // 2]
+    raise StreamDropped("emulated connection drop")
+
+
+async def wait_disconnect(request: Request) -> None:
+    # Once the body is read, the server's receive() blocks until the client goes away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def finished_before_disconnect(request: Request, work: Awaitable[Any]) -> bool:
+    """Await `work` unless the client disconnects first (then cancel it), as vLLM aborts."""
+    work_task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    await asyncio.wait({work_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finished = work_task.done() and not work_task.cancelled()
+    for task in (work_task, gone):
+        task.cancel()
+    await asyncio.gather(work_task, gone, return_exceptions=True)
+    return finished
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": never seen by anyone, but honest in logs
+
+
+async def deliver(
+    request: Request, answer: Answer, *, token_delay: float, on_end: OnEnd, drop: bool = False
+) -> Response:
+    """Send `answer`, paced like generation; `on_end` is called exactly once, however it ends."""
+    if isinstance(answer, StreamAnswer):
+        return TrackedStream(paced(answer, token_delay, drop=drop), answer.media_type, on_end)
+    if not await finished_before_disconnect(request, asyncio.sleep(token_delay * answer.tokens)):
+        on_end("cancelled", b"")
+        return Response(status_code=CLIENT_GONE)
+    data = orjson.dumps(answer.payload)
+    if drop:
+        return TrackedStream(_truncated(data), "application/json", on_end)
+    on_end("complete", data)
+    return Response(data, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM-like server
+# ---------------------------------------------------------------------------------------------
+
+FAILURES = frozenset({"500", "text500", "hang", "drop", "slow_first_byte", "garbage"})
+
+
+@dataclass
+class EmulatorState:
+    """Configuration and counters; plain attributes, safe to read from the test thread."""
+
+    served_models: list[str]
+    token_delay: float = 0.0
+    tokens: int = 8
+    startup_delay: float = 0.0
+    sleep_mode: bool = False
+    embedding: bool = False
+    wake_delay: float = 0.5
+    sleep_delay: float = 0.1
+    first_byte_delay: float = 1.0
+    embedding_dim: int = EMBEDDING_DIM
+    failure: str | None = None
+    failures_left: int | None = None  # None: the failure mode stays on until cleared
+    healthy: bool = True  # False makes /health answer 503
+    sleeping: bool = False
+    sleep_level: int = 0
+    sleep_count: int = 0
+    wake_count: int = 0
+    sleeps_while_busy: int = 0  # /sleep called while requests were in flight
+    requests: Counter[str] = field(default_factory=Counter)  # admitted, per model
+    paths: Counter[str] = field(default_factory=Counter)  # every inference call, per path
+    in_flight: int = 0
+    streams_in_flight: int = 0
+    completed: int = 0
+    cancelled: int = 0  # the client went away before the answer was complete
+    cancelled_streams: int = 0
+    dropped: int = 0  # aborted by the "drop" failure mode
+    last_request: dict[str, Any] | None = None
+    last_body: bytes = b""  # bytes of the last complete answer, to compare with what a client got
+    started_at: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+    _transition: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return time.monotonic() - self.started_at >= self.startup_delay
+
+    def fail(self, mode: str | None, times: int | None = None) -> None:
+        """Switch a failure mode on (for `times` requests, or until cleared) or off (None)."""
+        if mode is not None and mode not in FAILURES:
+            raise ValueError(f"unknown failure mode {mode!r}; expected one of {sorted(FAILURES)}")
+        self.failure, self.failures_left = mode, times
+
+    def take_failure(self) -> str | None:
+        mode = self.failure
+        if mode is not None and self.failures_left is not None:
+            self.failures_left -= 1
+            if self.failures_left <= 0:
+                self.failure, self.failures_left = None, None
+        return mode
+
+    def finish(self, outcome: str, sent: bytes, *, streamed: bool) -> None:
+        """Account for a request that ended: complete, cancelled by the client, or dropped."""
+        self.in_flight -= 1
+        if streamed:
+            self.streams_in_flight -= 1
+        if outcome == "complete":
+            self.completed += 1
+            self.last_body = sent
+        elif outcome == "cancelled":
+            self.cancelled += 1
+            if streamed:
+                self.cancelled_streams += 1
+        else:
+            self.dropped += 1
+
+
+def vllm_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status
+    )
+
+
+def _random_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def _usage(reply_usage: dict[str, int]) -> dict[str, Any]:
+    return {**reply_usage, "prompt_tokens_details": None}
+
+
+def _chat_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    reply = plan_chat(model, body, state.tokens)
+    base = {
+        "id": _random_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    if not body.get("stream"):
+        message = {
+            "role": "assistant",
+            "content": None if reply.tool_calls else reply.text,
+            "tool_calls": list(reply.tool_calls),
+        }
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": reply.finish_reason,
+            "stop_reason": None,
+        }
+        payload = {**base, "choices": [choice], "usage": _usage(reply.usage())}
+        return JsonAnswer(payload, reply.completion_tokens)
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    base["object"] = "chat.completion.chunk"
+    usage_field = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **usage_field})
+
+    calls = [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(reply.tool_calls)]
+    tail = [chunk({}, reply.finish_reason)]
+    if include_usage:
+        tail.append(sse({**base, "choices": [], "usage": _usage(reply.usage())}))
+    return StreamAnswer(
+        head=(chunk({"role": "assistant", "content": ""}),),
+        body=tuple(chunk(delta) for delta in calls + [{"content": p} for p in reply.pieces]),
+        tail=(*tail, SSE_DONE),
+    )
+
+
+def _completion_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    given = body.get("prompt")
+    prompts = [given] if isinstance(given, str) else [str(p) for p in given or []]
+    limit = body.get("max_tokens")
+    replies = [
+        plan_text(model, p, tokens=state.tokens, max_tokens=limit, seed=body.get("seed"))
+        for p in prompts
+    ]
+    usage = {
+        "prompt_tokens": sum(r.prompt_tokens for r in replies),
+        "completion_tokens": sum(r.completion_tokens for r in replies),
+    }
+    usage = _usage({**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]})
+    base = {
+        "id": _random_id("cmpl-"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+        }
+
+    if not body.get("stream"):
+        choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(replies)]
+        return JsonAnswer(
+            {**base, "choices": choices, "usage": usage},
+            max((r.completion_tokens for r in replies), default=0),
+        )
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    usage_field = {"usage": None} if include_usage else {}
+    frames = [
+        sse({**base, "choices": [choice(i, piece, None)], **usage_field})
+        for i, r in enumerate(replies)
+        for piece in r.pieces
+    ]
+    tail = [
+        sse({**base, "choices": [choice(i, "", r.finish_reason)], **usage_field})
+        for i, r in enumerate(replies)
+    ]
+    if include_usage:
+        tail.append(sse({**base, "choices": [], "usage": usage}))
+    return StreamAnswer(head=(), body=tuple(frames), tail=(*tail, SSE_DONE))
+
+
+def _embedding_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    texts = embedding_inputs(body.get("input")) or []
+    dims = body.get("dimensions") or state.embedding_dim
+    data = [
+        {
+            "index": i,
+            "object": "embedding",
+            "embedding": encode_embedding(
+                embedding_vector(model, text, dims), body.get("encoding_format")
+            ),
+        }
+        for i, text in enumerate(texts)
+    ]
+    tokens = sum(count_tokens(t) for t in texts)
+    usage = _usage({"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0})
+    payload = {
+        "id": _random_id("embd-"),
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
+        "usage": usage,
+    }
+    return JsonAnswer(payload, 1)
+
+
+def _responses_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    given = body.get("input")
+    prompt = given if isinstance(given, str) else chat_prompt(given or [])
+    limit = body.get("max_output_tokens")
+    reply = plan_text(model, prompt, tokens=state.tokens, max_tokens=limit)
+    complete = reply.finish_reason == "stop"
+    text = {"type": "output_text", "text": reply.text, "annotations": []}
+    message = {
+        "id": _random_id("msg_"),
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [text],
+    }
+    payload = {
+        "id": _random_id("resp_"),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed" if complete else "incomplete",
+        "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+        "error": None,
+        "model": model,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": limit,
+        "output": [message],
+        "parallel_tool_calls": True,
+        "temperature": body.get("temperature", 1.0),
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": body.get("top_p", 1.0),
+        "usage": {
+            "input_tokens": reply.prompt_tokens,
+            "output_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+    return JsonAnswer(payload, reply.completion_tokens)
+
+
+Renderer = Callable[[EmulatorState, str, dict[str, Any]], Answer]
+# path -> (renderer, required field, API name in vLLM's "does not support" errors, embedding API?)
+ENDPOINTS: dict[str, tuple[Renderer, str, str, bool]] = {
+    "/v1/chat/completions": (_chat_answer, "messages", "Chat Completions API", False),
+    "/v1/completions": (_completion_answer, "prompt", "Completions API", False),
+    "/v1/embeddings": (_embedding_answer, "input", "Embeddings API", True),
+    "/v1/responses": (_responses_answer, "input", "Responses API", False),
+}
+
+
+async def _admit(request: Request, state: EmulatorState) -> tuple[dict[str, Any], str] | Response:
+    """Validate a request as vLLM would: the body, then the model, then what it can serve."""
+    if not state.ready:
+        return vllm_error(503, "The server is still starting up", "ServiceUnavailableError")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        return vllm_error(400, f"JSON decode error: {exc}", "BadRequestError")
+    if not isinstance(body, dict):
+        return vllm_error(400, "The request body must be a JSON object", "BadRequestError")
+    state.last_request = body
+    _, required, api_name, embedding_api = ENDPOINTS[request.url.path]
+    model = body.get("model") or state.served_models[0]  # vLLM defaults to its served model
+    if model not in state.served_models:
+        return vllm_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if body.get(required) in (None, "", []):
+        return vllm_error(400, f"Field required: {required}", "BadRequestError", required)
+    if embedding_api != state.embedding:
+        return vllm_error(400, f"The model does not support {api_name}", "BadRequestError")
+    if request.url.path == "/v1/responses" and body.get("stream"):
+        return vllm_error(400, "Streaming responses are not emulated", "BadRequestError", "stream")
+    if embedding_api and embedding_inputs(body["input"]) is None:
+        return vllm_error(400, "Invalid input", "BadRequestError", "input")
+    if state.sleeping:
+        return vllm_error(
+            503, "The model is sleeping; call /wake_up first", "ServiceUnavailableError"
+        )
+    return body, model
+
+
+def _failure_response(mode: str) -> Response:
+    if mode == "500":
+        return vllm_error(500, "Emulated internal server error", "InternalServerError")
+    if mode == "text500":
+        return PlainTextResponse("Internal Server Error", 500)
+    return Response(b"<html><body>Bad Gateway</body>", 200, media_type="application/json")
+
+
+def _client_gone(state: EmulatorState) -> Response:
+    state.finish("cancelled", b"", streamed=False)
+    return Response(status_code=CLIENT_GONE)
+
+
+async def _inference(request: Request) -> Response:
+    state: EmulatorState = request.app.state.emulator
+    state.paths[request.url.path] += 1
+    admitted = await _admit(request, state)
+    if isinstance(admitted, Response):
+        return admitted
+    body, model = admitted
+    state.requests[model] += 1
+    state.in_flight += 1
+    mode = state.take_failure()
+    if mode in {"500", "text500", "garbage"}:
+        state.in_flight -= 1
+        return _failure_response(mode)
+    if mode == "hang":
+        await wait_disconnect(request)
+        return _client_gone(state)
+    slow = mode == "slow_first_byte"
+    if slow and not await finished_before_disconnect(
+        request, asyncio.sleep(state.first_byte_delay)
+    ):
+        return _client_gone(state)
+    answer = ENDPOINTS[request.url.path][0](state, model, body)
+    streamed = isinstance(answer, StreamAnswer)
+    if streamed:
+        state.streams_in_flight += 1
+
+    def on_end(outcome: str, sent: bytes) -> None:
+        state.finish(outcome, sent, streamed=streamed)
+
+    return await deliver(
+        request, answer, token_delay=state.token_delay, on_end=on_end, drop=mode == "drop"
+    )
+
+
+async def _health(request: Request) -> Response:
+    state: EmulatorState = request.app.state.emulator
+    return Response(status_code=200 if state.ready and state.healthy else 503)
+
+
+async def _models(request: Request) -> Response:
+    state: EmulatorState = request.app.state.emulator
+    if not state.ready:
+        return vllm_error(503, "The server is still starting up", "ServiceUnavailableError")
+    cards = [
+        {
+            "id": name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": 4096,
+            "permission": [],
+        }
+        for name in state.served_models
+    ]
+    return JSONResponse({"object": "list", "data": cards})
+
+
+async def _sleep(request: Request) -> Response:
+    state: EmulatorState = request.app.state.emulator
+    level = request.query_params.get("level", "1")
+    if level not in {"0", "1", "2"}:
+        return vllm_error(400, f"Invalid sleep level {level!r}", "BadRequestError", "level")
+    async with state._transition:
+        if not state.sleeping:
+            state.sleeps_while_busy += state.in_flight > 0
+            await asyncio.sleep(state.sleep_delay)  # offloading weights takes a moment
+            state.sleeping, state.sleep_level = True, int(level)
+            state.sleep_count += 1
+    return Response(status_code=200)
+
+
+async def _wake_up(request: Request) -> Response:
+    state: EmulatorState = request.app.state.emulator
+    async with state._transition:
+        if state.sleeping:
+            await asyncio.sleep(state.wake_delay)  # is_sleeping stays true until weights are back
+            state.sleeping, state.sleep_level = False, 0
+            state.wake_count += 1
+    return Response(status_code=200)
+
+
+async def _is_sleeping(request: Request) -> Response:
+    return JSONResponse({"is_sleeping": request.app.state.emulator.sleeping})
+
+
+def create_app(
+    served_models: list[str] | str,
+    *,
+    token_delay: float = 0.0,
+    tokens: int = 8,
+    startup_delay: float = 0.0,
+    sleep_mode: bool = False,
+    failure: str | None = None,
+    embedding: bool = False,
+    wake_delay: float = 0.5,
+    sleep_delay: float = 0.1,
+    first_byte_delay: float = 1.0,
+    embedding_dim: int = EMBEDDING_DIM,
+) -> Starlette:
+    """A vLLM-like server for `served_models`.
+
+    `embedding=True` makes it an embedding model (like `vllm serve --runner pooling`): it serves
+    /v1/embeddings and refuses generation, and the other way round when False. `sleep_mode`
+    adds vLLM's dev endpoints /sleep, /wake_up and /is_sleeping.
+    """
+    models = [served_models] if isinstance(served_models, str) else list(served_models)
+    if not models:
+        raise ValueError("at least one served model is needed")
+    state = EmulatorState(
+        models,
+        token_delay=token_delay,
+        tokens=tokens,
+        startup_delay=startup_delay,
+        sleep_mode=sleep_mode,
+        embedding=embedding,
+        wake_delay=wake_delay,
+        sleep_delay=sleep_delay,
+        first_byte_delay=first_byte_delay,
+        embedding_dim=embedding_dim,
+    )
+    state.fail(failure)
+    routes = [
+        Route("/health", _health),
+        Route("/v1/models", _models),
+        *(Route(path, _inference, methods=["POST"]) for path in ENDPOINTS),
+    ]
+    if sleep_mode:
+        routes += [
+            Route("/sleep", _sleep, methods=["POST"]),
+            Route("/wake_up", _wake_up, methods=["POST"]),
+            Route("/is_sleeping", _is_sleeping),
+        ]
+    hide_dropped_stream_logs()
+    app = Starlette(routes=routes)
+    app.state.emulator = state
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as a process
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="vLLM-like OpenAI-compatible test server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--model", action="append", required=True, help="repeatable")
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--embedding", action="store_true", help="serve embeddings only")
+    parser.add_argument("--sleep-mode", action="store_true", help="enable /sleep and /wake_up")
+    parser.add_argument("--wake-delay", type=float, default=0.5)
+    parser.add_argument("--failure", choices=sorted(FAILURES))
+    parser.add_argument("--graceful-timeout", type=float, default=5.0)
+    return parser.parse_args(argv)
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    app = create_app(
+        args.model,
+        token_delay=args.token_delay,
+        tokens=args.tokens,
+        startup_delay=args.startup_delay,
+        sleep_mode=args.sleep_mode,
+        failure=args.failure,
+        embedding=args.embedding,
+        wake_delay=args.wake_delay,
+    )
+    # Bind before announcing, so the printed URL (with the real port when --port 0) is live.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(128)
+    host, port = sock.getsockname()[:2]
+    print(f"openai_server: serving {', '.join(args.model)} on http://{host}:{port}", flush=True)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout
+    )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it
+    # found; this one makes that a clean exit 0 rather than a death by signal (-15).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
