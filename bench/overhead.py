@@ -116,7 +116,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(direct: str, gateway: str, requests: int, concurrency: int) -> list[str]:
-    rows = ["| answer | metric | direct | via gateway | gateway − direct | ratio |",
+    rows = ["| answer | metric | direct | via gateway | gateway - direct | ratio |",
             "|---|---|---|---|---|---|"]
     for stream in (False, True):
         kind, body = ("SSE" if stream else "JSON"), payload(stream)
@@ -125,7 +125,7 @@ async def measure(direct: str, gateway: str, requests: int, concurrency: int) ->
         for q in (50, 99):
             d, g = percentile(seq_direct, q) * 1e3, percentile(seq_gateway, q) * 1e3
             rows.append(f"| {kind} | p{q} latency, ms (sequential) | {d:.3f} | {g:.3f} | "
-                        f"+{g - d:.3f} ms | {g / d:.2f}× |")
+                        f"+{g - d:.3f} ms | {g / d:.2f}x |")
         rps_direct = await throughput(direct, body, requests, concurrency)
         rps_gateway = await throughput(gateway, body, requests, concurrency)
         rows.append(f"| {kind} | throughput, req/s ({concurrency} clients) | {rps_direct:.0f} | "

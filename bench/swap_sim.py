@@ -25,6 +25,7 @@ from policies.scheduling import decide, decide_fifo
 from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
 _STAYING = (State.LOADED, State.LOADING)
+_MOVING = (State.LOADING, State.UNLOADING)
 
 Policy = Callable[[Mapping[str, ModelView], Budget, BatchingConfig, float], Plan]
 
@@ -104,7 +105,7 @@ class _Model:
     backlog: deque[Request] = field(default_factory=deque)  # leased, waiting for a slot
     running: int = 0
     loaded_at: float | None = None
-    last_used: float = 0.0
+    last_used: float = -math.inf
     admitting: bool = True
 
     @property
@@ -128,8 +129,11 @@ class _Model:
 
 
 class _Simulation:
-    """One run. `strict_order` releases only the head run of the global arrival order, the way
-    Ollama's pending queue and llama-swap's swap lock serve requests (ABAB costs three swaps)."""
+    """One run over a scenario.
+
+    `strict_order` releases only the waiters ahead of every other model's oldest waiter, the way
+    Ollama's pending queue and llama-swap's swap lock serve requests (ABAB loads four times).
+    """
 
     def __init__(
         self, scenario: Scenario, policy: Policy, config: BatchingConfig, strict_order: bool
@@ -141,11 +145,11 @@ class _Simulation:
         self.models = {m.name: _Model(m) for m in scenario.models}
         self.events: list[tuple[float, int, str, str, Request | None]] = []
         self.seq = itertools.count()
+        self.wakes: set[float] = set()
+        self.clock = 0.0
         self.swaps = 0
         self.waits: list[float] = []
         self.latencies: list[float] = []
-        self.wakes: set[float] = set()
-        self.clock = 0.0
         self.last_done = 0.0
 
     def run(self) -> Outcome:
@@ -155,30 +159,32 @@ class _Simulation:
             self.clock = self.events[0][0]
             while self.events and self.events[0][0] == self.clock:
                 _, _, kind, name, request = heapq.heappop(self.events)
-                self._handle(kind, self.models[name], request)
+                self._handle(kind, name, request)
             self._decide()
-        if len(self.latencies) < len(self.scenario.requests):
-            raise Stuck(f"{len(self.scenario.requests) - len(self.latencies)} requests never served")
+        unserved = len(self.scenario.requests) - len(self.latencies)
+        if unserved:
+            raise Stuck(f"{unserved} requests never served")
         first = min(r.arrival for r in self.scenario.requests)
         return Outcome(self.swaps, tuple(self.waits), tuple(self.latencies), self.last_done - first)
 
-    def _at(self, time: float, kind: str, name: str, request: Request | None = None) -> None:
+    def _at(self, time: float, kind: str, name: str = "", request: Request | None = None) -> None:
         heapq.heappush(self.events, (time, next(self.seq), kind, name, request))
 
-    def _handle(self, kind: str, model: _Model, request: Request | None) -> None:
-        if kind == "arrive" and request is not None:
-            self._arrive(model, request)
-        elif kind == "done":
-            self._finish(model, request)
+    def _handle(self, kind: str, name: str, request: Request | None) -> None:
+        if kind == "wake":
+            return
+        model = self.models[name]
+        if request is not None:
+            (self._arrive if kind == "arrive" else self._finish)(model, request)
         elif kind == "loaded":
             model.state, model.loaded_at, model.admitting = State.LOADED, self.clock, True
             self.swaps += 1
-        elif kind == "unloaded":
+        else:
             model.state, model.loaded_at, model.admitting = State.UNLOADED, None, True
 
     def _arrive(self, model: _Model, request: Request) -> None:
-        waiters = any(m.queue for m in self.models.values())
-        if model.state is State.LOADED and model.admitting and not (self.strict_order and waiters):
+        behind = self.strict_order and any(m.queue for m in self.models.values())
+        if model.state is State.LOADED and model.admitting and not behind:
             self._lease(model, request)
         else:
             model.queue.append(request)
@@ -195,8 +201,7 @@ class _Simulation:
         model.running += 1
         self._at(self.clock + request.service, "done", model.spec.name, request)
 
-    def _finish(self, model: _Model, request: Request | None) -> None:
-        assert request is not None
+    def _finish(self, model: _Model, request: Request) -> None:
         self.latencies.append(self.clock - request.arrival)
         self.last_done = self.clock
         model.running -= 1
@@ -209,16 +214,18 @@ class _Simulation:
         plan = self.policy(views, self.scenario.budget, self.config, self.clock)
         self._execute(plan)
         if any(not self.models[name].in_flight for name in plan.drain):
-            # Arrival order held its waiters back, so no lease release will come to wake us.
-            self._at(self.clock, "wake", plan.drain[0])
+            # Strict order held its waiters back, so no lease release will come to wake us.
+            self._at(self.clock, "wake")
         if plan.wake_at is not None and plan.wake_at not in self.wakes:
             if plan.wake_at <= self.clock:
-                raise InvalidPlan(f"wake_at {plan.wake_at} is not in the future")
+                raise InvalidPlan(f"wake_at {plan.wake_at} is not after now ({self.clock})")
             self.wakes.add(plan.wake_at)
-            self._at(plan.wake_at, "wake", next(iter(self.models)))
+            self._at(plan.wake_at, "wake")
 
     def _execute(self, plan: Plan) -> None:
-        """Admit, then drain, then evict, then load: the order the scheduler must follow."""
+        """Admit, drain, evict, then load once the evictions are done: the scheduler's order."""
+        if plan.load is not None and any(m.state in _MOVING for m in self.models.values()):
+            raise InvalidPlan(f"load {plan.load} while another load or unload runs")
         for name in plan.admit:
             self._admit(self.models[name])
         for name in plan.drain:
@@ -226,35 +233,33 @@ class _Simulation:
         for name in plan.evict:
             self._evict(self.models[name])
         if plan.load is not None:
-            self._load(self.models[plan.load], delay=self.scenario.unload_seconds * bool(plan.evict))
+            unloads = self.scenario.unload_seconds if plan.evict else 0.0
+            self._load(self.models[plan.load], after=unloads)
         self._check_budget()
 
     def _admit(self, model: _Model) -> None:
         if model.state is not State.LOADED:
             raise InvalidPlan(f"admit {model.spec.name} while {model.state}")
         model.admitting = True
-        horizon = self._head_run_end(model) if self.strict_order else math.inf
+        horizon = self._first_other_waiter(model) if self.strict_order else math.inf
         while model.queue and model.queue[0].arrival < horizon:
             self._lease(model, model.queue.popleft())
 
-    def _head_run_end(self, model: _Model) -> float:
-        """Arrival of the first waiter of another model: strict order stops there."""
+    def _first_other_waiter(self, model: _Model) -> float:
         others = [m.queue[0].arrival for m in self.models.values() if m is not model and m.queue]
         return min(others, default=math.inf)
 
     def _evict(self, model: _Model) -> None:
         if model.state is not State.LOADED or model.in_flight:
-            raise InvalidPlan(f"evict {model.spec.name}: {model.state}, {model.in_flight} in flight")
+            raise InvalidPlan(f"evict {model.spec.name}: {model.state}, {model.in_flight} busy")
         model.state = State.UNLOADING
         self._at(self.clock + self.scenario.unload_seconds, "unloaded", model.spec.name)
 
-    def _load(self, model: _Model, delay: float) -> None:
-        if any(m.state is State.LOADING for m in self.models.values()):
-            raise InvalidPlan(f"load {model.spec.name} while another model is loading")
+    def _load(self, model: _Model, after: float) -> None:
         if model.state not in (State.UNLOADED, State.FAILED):
             raise InvalidPlan(f"load {model.spec.name} while {model.state}")
         model.state = State.LOADING
-        self._at(self.clock + delay + model.spec.load_seconds, "loaded", model.spec.name)
+        self._at(self.clock + after + model.spec.load_seconds, "loaded", model.spec.name)
 
     def _check_budget(self) -> None:
         """Once the evictions finish, what stays and what loads must fit the budget."""
@@ -266,12 +271,12 @@ class _Simulation:
 def simulate(
     scenario: Scenario,
     policy: Policy = decide,
-    config: BatchingConfig = BatchingConfig(),
+    config: BatchingConfig | None = None,
     *,
     strict_order: bool = False,
 ) -> Outcome:
     """Replay the scenario through `policy`; raises InvalidPlan or Stuck on a policy bug."""
-    return _Simulation(scenario, policy, config, strict_order).run()
+    return _Simulation(scenario, policy, config or BatchingConfig(), strict_order).run()
 
 
 def poisson_trace(

@@ -32,23 +32,26 @@ def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -
     stalled = stalled_drains(models)
     if not waiting:
         return Plan(admit=admit + _names(stalled), reason="no swap needed")
-    turn = _Turn(models, budget, admit, _scores(waiting, config, now), _next_change(models, config, now))
+    scores = {m.name: score(m, config, now) for m in waiting}
+    turn = _Turn(models, budget, admit, scores, _next_change(models, config, now))
     urgent = most_overdue([*waiting, *stalled], config, now)
     if urgent is not None:
         return turn.override(urgent, "max_wait override")
     free = [m for m in waiting if fits_beside(m, models, budget)]
     if free:
         return turn.swap_to(turn.best(free), frozenset(), "fits")
-    if contested(models, waiting, config, now) and now < window_end(waiting, config):
+    crowded = contested(models, waiting, config, now)
+    if crowded and now < window_end(waiting, config):
         return turn.hold("window: gathering demand")
-    return turn.swap_to(turn.best(waiting), protected(models, config, now), "window")
+    keep = protected(models, config, now)
+    return turn.swap_to(turn.best(waiting), keep, "window" if crowded else "swap")
 
 
 def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
     """Arrival order, like Ollama and llama-swap: swap at once to the oldest waiter's model.
 
     Its Plan releases a model's whole queue; a simulator that wants the strict arrival order of
-    those proxies (ABAB costs three swaps) must release only the waiters ahead of other models'.
+    those proxies (ABAB loads four times) must release only the waiters ahead of other models'.
     """
     admit = admissible(models)
     if in_transition(models):
@@ -61,7 +64,7 @@ def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: flo
 
 
 def score(model: ModelView, config: BatchingConfig, now: float) -> float:
-    """Queued requests × priority weight, doubling as the oldest waiter's age nears max_wait."""
+    """Queued requests x priority weight, doubling as the oldest waiter's age nears max_wait."""
     weight = PRIORITY_WEIGHT.get(model.priority, 1.0)
     return model.queued * weight * (1.0 + _age(model, now) / _seconds(config.max_wait_ms))
 
@@ -88,9 +91,7 @@ def swap_candidates(models: Models, budget: Budget, now: float) -> list[ModelVie
 def stalled_drains(models: Models) -> list[ModelView]:
     """Loaded models being drained whose new requests queued behind the drain."""
     return [
-        m
-        for m in models.values()
-        if m.state is State.LOADED and not m.admitting and m.queued > 0
+        m for m in models.values() if m.state is State.LOADED and not m.admitting and m.queued > 0
     ]
 
 
@@ -100,9 +101,7 @@ def most_overdue(waiting: list[ModelView], config: BatchingConfig, now: float) -
     return min(overdue, key=_oldest_since) if overdue else None
 
 
-def contested(
-    models: Models, waiting: list[ModelView], config: BatchingConfig, now: float
-) -> bool:
+def contested(models: Models, waiting: list[ModelView], config: BatchingConfig, now: float) -> bool:
     """Several models want the box: more than one waits, or a loaded one is still active."""
     return len(waiting) > 1 or any(
         m.state is State.LOADED and _active(m, config, now) for m in models.values()
@@ -115,11 +114,17 @@ def window_end(waiting: Iterable[ModelView], config: BatchingConfig) -> float:
 
 
 def protected(models: Models, config: BatchingConfig, now: float) -> frozenset[str]:
-    """Loaded models inside their minimum residency whose burst is still going on."""
+    """Admitting loaded models inside their minimum residency whose burst is still going on.
+
+    A model already draining is not protected: once a swap is decided it goes through.
+    """
     return frozenset(
         m.name
         for m in models.values()
-        if m.state is State.LOADED and now < _residency_end(m, config) and _active(m, config, now)
+        if m.state is State.LOADED
+        and m.admitting
+        and now < _residency_end(m, config)
+        and _active(m, config, now)
     )
 
 
@@ -158,19 +163,17 @@ class _Turn:
             return self.hold(f"min residency: {', '.join(sorted(keep))} kept")
         evict = tuple(v for v in victims if is_idle(self.models[v]))
         drain = tuple(v for v in victims if v not in evict)
+        # A drain decided for an earlier winner that this one does not need is called off.
+        resume = _names(m for m in stalled_drains(self.models) if m.name not in victims)
         return Plan(
             load=None if drain else winner.name,
             evict=evict,
             drain=drain,
-            admit=self.admit,
+            admit=self.admit + resume,
             wake_at=self.wake_at,
             reason=f"{why}: {winner.name} ({winner.queued} queued x {winner.priority})",
             scores=self.scores,
         )
-
-
-def _scores(waiting: list[ModelView], config: BatchingConfig, now: float) -> dict[str, float]:
-    return {m.name: score(m, config, now) for m in waiting}
 
 
 def _next_change(models: Models, config: BatchingConfig, now: float) -> float | None:

@@ -24,7 +24,8 @@ class ServerThread:
     def __init__(self, app: Any, port: int | None = None, **uvicorn_options: Any) -> None:
         self.port = port or free_port()
         options = {"log_level": "warning", "lifespan": "on", **uvicorn_options}
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **options))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, **options)
+        self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,3 +69,16 @@ def serve(app: Any, **options: Any) -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, message: str = "condition") -> None:
+    """Poll a condition (cheaply, bounded) until it holds; fail the test if it never does."""
+    deadline = threading.Event()
+    timer = threading.Timer(timeout, deadline.set)
+    timer.start()
+    try:
+        while not predicate():
+            if deadline.wait(0.005):
+                raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+    finally:
+        timer.cancel()
