@@ -26,6 +26,7 @@ from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
 _STAYING = (State.LOADED, State.LOADING)
 _MOVING = (State.LOADING, State.UNLOADING)
+_NEVER = (math.inf, "")
 
 Policy = Callable[[Mapping[str, ModelView], Budget, BatchingConfig, float], Plan]
 
@@ -155,7 +156,11 @@ class _Simulation:
     def run(self) -> Outcome:
         for request in self.scenario.requests:
             self._at(request.arrival, "arrive", request.model, request)
+        budget = 1_000 + 100 * len(self.scenario.requests)  # decisions; a policy loop exceeds it
         while self.events:
+            budget -= 1
+            if budget < 0:
+                raise Stuck(f"still deciding at t={self.clock:.3f}: the policy loops")
             self.clock = self.events[0][0]
             while self.events and self.events[0][0] == self.clock:
                 _, _, kind, name, request = heapq.heappop(self.events)
@@ -241,13 +246,14 @@ class _Simulation:
         if model.state is not State.LOADED:
             raise InvalidPlan(f"admit {model.spec.name} while {model.state}")
         model.admitting = True
-        horizon = self._first_other_waiter(model) if self.strict_order else math.inf
-        while model.queue and model.queue[0].arrival < horizon:
+        horizon = self._first_other_waiter(model) if self.strict_order else _NEVER
+        while model.queue and (model.queue[0].arrival, model.spec.name) < horizon:
             self._lease(model, model.queue.popleft())
 
-    def _first_other_waiter(self, model: _Model) -> float:
-        others = [m.queue[0].arrival for m in self.models.values() if m is not model and m.queue]
-        return min(others, default=math.inf)
+    def _first_other_waiter(self, model: _Model) -> tuple[float, str]:
+        """Arrival of the oldest waiter of another model; the name breaks ties of arrival."""
+        others = [(m.queue[0].arrival, m.spec.name) for m in self.models.values() if m.queue]
+        return min((o for o in others if o[1] != model.spec.name), default=_NEVER)
 
     def _evict(self, model: _Model) -> None:
         if model.state is not State.LOADED or model.in_flight:

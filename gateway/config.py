@@ -78,6 +78,8 @@ class SwapperConfig:
     metal_acceleration: bool = False
     default_model: str | None = None
     memory_budget_gb: float | None = None
+    max_queue_per_model: int = 256  # waiting requests per model before 429
+    max_queue_total: int = 1024
 
     def budget(self) -> Budget:
         if self.mode == "single-active":
@@ -294,10 +296,14 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
         metal_acceleration=reader.get(section, "metal_acceleration", "swapper", bool, False),
         default_model=reader.get(section, "default_model", "swapper", str, None),
         memory_budget_gb=reader.get(section, "memory_budget_gb", "swapper", float, None),
+        max_queue_per_model=reader.get(section, "max_queue_per_model", "swapper", int, 256),
+        max_queue_total=reader.get(section, "max_queue_total", "swapper", int, 1024),
     )
     reader.positive(config.max_concurrent_models, "swapper.max_concurrent_models", allow_zero=False)
     reader.positive(config.model_swap_timeout, "swapper.model_swap_timeout", allow_zero=False)
     reader.positive(config.memory_budget_gb, "swapper.memory_budget_gb", allow_zero=False)
+    reader.positive(config.max_queue_per_model, "swapper.max_queue_per_model", allow_zero=False)
+    reader.positive(config.max_queue_total, "swapper.max_queue_total", allow_zero=False)
     return config
 
 

@@ -55,12 +55,6 @@ class Waiter:
     future: asyncio.Future[Lease]
 
 
-@dataclass(frozen=True)
-class QueueLimits:
-    per_model: int = 256
-    total: int = 1024
-
-
 @dataclass
 class Slot:
     """Everything the scheduler tracks about one model."""
@@ -124,11 +118,9 @@ def load_failed(model: str, error: str, retry_in: float) -> GatewayError:
 
 class Scheduler:
     def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
-                 limits: QueueLimits = QueueLimits(), clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.budget = config.swapper.budget()
-        self.limits = limits
         self.clock = clock
         self.drivers = drivers
         self.slots = {
@@ -192,8 +184,9 @@ class Scheduler:
             raise load_failed(r.model.name, r.error or "unknown error", (r.retry_at or now) - now)
 
     def _admission(self, slot: Slot) -> None:
+        limits = self.config.swapper
         total = sum(len(s.queue) for s in self.slots.values())
-        if len(slot.queue) >= self.limits.per_model or total >= self.limits.total:
+        if len(slot.queue) >= limits.max_queue_per_model or total >= limits.max_queue_total:
             raise GatewayError(
                 429, f"Too many requests are waiting for model '{slot.model.name}'; "
                 "retry shortly.", code="queue_full", headers={"retry-after": "2"},

@@ -1,8 +1,8 @@
 """Which resident models must leave so that a newcomer fits the residency budget.
 
 Victims are taken in `victim_order` (already draining, idle, low priority, least recently used)
-until the newcomer fits; then every victim that turned out unnecessary is spared, so one large
-model is evicted rather than several small ones when that is enough.
+until the newcomer fits, except that a larger model of the same priority is taken instead when it
+alone finishes the job; at the end every victim that turned out unnecessary is spared.
 """
 
 from __future__ import annotations
@@ -90,13 +90,28 @@ def _victims(
         (m for m in residents if m.state is State.LOADED and eligible(m)), key=victim_order
     )
     victims: list[ModelView] = []
-    for candidate in candidates:
-        if _fits_without(newcomer, residents, victims, budget):
-            break
-        victims.append(candidate)
+    while candidates and not _fits_without(newcomer, residents, victims, budget):
+        pick = _next_victim(newcomer, residents, victims, candidates, budget)
+        victims.append(pick)
+        candidates.remove(pick)
     if not _fits_without(newcomer, residents, victims, budget):
         return None
     return tuple(m.name for m in _spare_unneeded(newcomer, residents, victims, budget))
+
+
+def _next_victim(
+    newcomer: ModelView,
+    residents: list[ModelView],
+    victims: list[ModelView],
+    candidates: list[ModelView],
+    budget: Budget,
+) -> ModelView:
+    """The first candidate, unless one of the same tier (drain state, priority) is large enough
+    to finish the job alone: then the least recently used of those, to evict fewer models."""
+    tier = victim_order(candidates[0])[:3]
+    same_tier = (m for m in candidates if victim_order(m)[:3] == tier)
+    finishers = (m for m in same_tier if _fits_without(newcomer, residents, [*victims, m], budget))
+    return next(finishers, candidates[0])
 
 
 def _spare_unneeded(

@@ -30,10 +30,11 @@ def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -
         return Plan(admit=admit, reason=_TRANSITION)
     waiting = swap_candidates(models, budget, now)
     stalled = stalled_drains(models)
+    wake_at = _next_change(models, config, now)
     if not waiting:
-        return Plan(admit=admit + _names(stalled), reason="no swap needed")
+        return Plan(admit=admit + _names(stalled), wake_at=wake_at, reason="no swap needed")
     scores = {m.name: score(m, config, now) for m in waiting}
-    turn = _Turn(models, budget, admit, scores, _next_change(models, config, now))
+    turn = _Turn(models, budget, admit, scores, wake_at)
     urgent = most_overdue([*waiting, *stalled], config, now)
     if urgent is not None:
         return turn.override(urgent, "max_wait override")

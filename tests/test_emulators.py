@@ -211,6 +211,25 @@ def test_ollama_evicts_least_recently_used_idle_model_under_memory_pressure() ->
         assert state.loaded_bytes == 7 * ollama.GB
 
 
+def test_ollama_max_loaded_models_and_load_failures() -> None:
+    app = ollama.create_app(["a:1b", "b:1b", "c:1b"], load_delay=0.01, max_loaded=1)
+    with running(app) as backend:
+        http, state = backend.http, backend.state
+        http.post("/api/generate", json={"model": "a:1b"})
+        http.post("/api/generate", json={"model": "b:1b"})
+        assert state.loaded == {"b:1b"}
+        assert state.evictions == [("a:1b", "max_loaded")]
+
+        state.load_errors["c:1b"] = "llama runner process has terminated: exit status 2"
+        failed = http.post("/api/generate", json={"model": "c:1b", "prompt": "hi"})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": state.load_errors["c:1b"]}
+        with pytest.raises(openai.InternalServerError):
+            backend.sdk.completions.create(model="c:1b", prompt="hi")
+        assert state.loaded == {"b:1b"}
+        assert state.in_flight == 0
+
+
 def test_ollama_never_evicts_or_unloads_a_busy_model() -> None:
     app = ollama.create_app({"a:1b": 4, "b:1b": 4}, load_delay=0.01, memory_gb=5, token_delay=0.02)
     with (
@@ -341,6 +360,9 @@ def test_vllm_chat_json_and_stream(vllm: VllmBackend) -> None:
     messages: list[Any] = [{"role": "user", "content": "hi"}]
     expected = plan_chat("m2", {"messages": messages}, 8).text
     assert http.get("/health").status_code == 200
+    state.healthy = False
+    assert http.get("/health").status_code == 503
+    state.healthy = True
     assert [m.id for m in client.models.list()] == ["m1", "m2"]
 
     reply = client.chat.completions.create(model="m2", messages=messages, temperature=0, seed=1)
@@ -455,6 +477,7 @@ def test_vllm_failure_modes(vllm: VllmBackend) -> None:
     state.fail("drop")
     with pytest.raises(httpx.RemoteProtocolError):
         http.post(path, json={**body, "stream": True})
+    state.drop_delay = 0  # dies right behind its last bytes
     with pytest.raises(httpx.RemoteProtocolError):
         http.post(path, json=body)
     wait_until(lambda: state.dropped == 2)
@@ -479,7 +502,8 @@ def test_vllm_client_disconnect_cancels_the_stream() -> None:
     with running(app) as backend:
         state = backend.state
         with backend.http.stream("POST", "/v1/chat/completions", json=body) as stream:
-            assert next(stream.iter_lines()).startswith("data: ")
+            lines = stream.iter_lines()  # keep it: a discarded httpx iterator closes the stream
+            assert next(lines).startswith("data: ")
             assert state.streams_in_flight == 1
         wait_until(lambda: state.cancelled_streams == 1)
         assert (state.in_flight, state.streams_in_flight, state.completed) == (0, 0, 0)

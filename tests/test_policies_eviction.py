@@ -88,6 +88,16 @@ def test_one_large_victim_instead_of_several_small_ones() -> None:
     assert choose_evictions(models["new"], models, Budget(memory_gb=24)) == ("large",)
 
 
+def test_fewer_evictions_never_outrank_priority() -> None:
+    models = by_name(
+        loaded("low-1", size_gb=4, priority="low"),
+        loaded("low-2", size_gb=8, priority="low"),
+        loaded("normal", size_gb=12),
+        ModelView("new", size_gb=10),
+    )
+    assert choose_evictions(models["new"], models, Budget(memory_gb=24)) == ("low-1", "low-2")
+
+
 def test_draining_models_are_the_first_victims() -> None:
     models = by_name(
         loaded("draining", admitting=False, in_flight=1, priority="high"),

@@ -176,7 +176,9 @@ class EmulatorState:
 
     async def acquire(self, key: str, keep_alive: float | None) -> float:
         """Make `key` resident and hold it; returns the seconds this call spent loading it."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # served again, on a new event loop: asyncio bits are per loop
+            self._loop, self._load_lock, self._released = loop, asyncio.Lock(), asyncio.Event()
         if self._hold(key, keep_alive):
             return 0.0
         async with self._load_lock:  # Ollama's scheduler loads one model at a time

@@ -286,58 +286,71 @@ def hide_dropped_stream_logs() -> None:
 class TrackedStream(StreamingResponse):
     """A streaming response that reports exactly once how it ended, and what it sent.
 
-    Starlette cancels the body when the client disconnects, possibly while the iterator is
-    parked at a ``yield`` where no ``finally`` of its own would run; wrapping ``__call__`` is the
-    one place that sees every ending: completion, client disconnect, or a deliberate abort.
+    A complete stream reports before the response's terminating chunk goes out, so a client that
+    has read the whole body always finds the counters settled. Other endings (client disconnect,
+    deliberate abort) are seen by wrapping ``__call__``: Starlette cancels the body iterator
+    when the client goes away, possibly while it is parked at a ``yield`` where no ``finally``
+    of its own would run.
     """
 
     def __init__(self, frames: AsyncGenerator[bytes], media_type: str, on_end: OnEnd) -> None:
         self._frames = frames
         self._sent: list[bytes] = []
-        self._complete = False
         self._on_end = on_end
+        self._ended = False
         self._relay_gen = self._relay()
         super().__init__(self._relay_gen, media_type=media_type)
+
+    def _end(self, outcome: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end(outcome, b"".join(self._sent))
 
     async def _relay(self) -> AsyncGenerator[bytes]:
         async for frame in self._frames:
             self._sent.append(frame)
             yield frame
-        self._complete = True
+        self._end("complete")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = "cancelled"
         try:
             await super().__call__(scope, receive, send)
-            if self._complete:
-                outcome = "complete"
-        except BaseException:
+        except Exception:  # a drop (or a bug); a task cancellation stays "cancelled"
             outcome = "error"
             raise
         finally:
             await self._relay_gen.aclose()
             await self._frames.aclose()
-            self._on_end(outcome, b"".join(self._sent))
+            self._end(outcome)
 
 
 async def paced(
-    answer: StreamAnswer, token_delay: float, *, drop: bool = False
+    answer: StreamAnswer, token_delay: float, *, drop: float | None = None
 ) -> AsyncGenerator[bytes]:
+    """The answer's frames at generation pace; with `drop`, the connection dies `drop` seconds
+    after the first few body frames."""
     for frame in answer.head:
         yield frame
-    for frame in answer.body[:DROP_AFTER] if drop else answer.body:
+    for frame in answer.body[:DROP_AFTER] if drop is not None else answer.body:
         if token_delay:
             await asyncio.sleep(token_delay)
         yield frame
-    if drop:
-        raise StreamDropped("emulated connection drop")
+    if drop is not None:
+        await _die(drop)
     for frame in answer.tail:
         yield frame
 
 
-async def _truncated(data: bytes) -> AsyncGenerator[bytes]:
-    yield data[: len(data) // 2]
+async def _die(after: float) -> None:
+    # A crashing backend rarely dies in the instant it sent its last bytes; 0 makes it so.
+    await asyncio.sleep(after)
     raise StreamDropped("emulated connection drop")
+
+
+async def _truncated(data: bytes, drop: float) -> AsyncGenerator[bytes]:
+    yield data[: len(data) // 2]
+    await _die(drop)
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -362,17 +375,25 @@ CLIENT_GONE = 499  # nginx's "client closed request": never seen by anyone, but 
 
 
 async def deliver(
-    request: Request, answer: Answer, *, token_delay: float, on_end: OnEnd, drop: bool = False
+    request: Request,
+    answer: Answer,
+    *,
+    token_delay: float,
+    on_end: OnEnd,
+    drop: float | None = None,
 ) -> Response:
-    """Send `answer`, paced like generation; `on_end` is called exactly once, however it ends."""
+    """Send `answer`, paced like generation; `on_end` is called exactly once, however it ends.
+
+    `drop` (seconds) cuts the connection mid-answer, after a few frames or half the document.
+    """
     if isinstance(answer, StreamAnswer):
         return TrackedStream(paced(answer, token_delay, drop=drop), answer.media_type, on_end)
     if not await finished_before_disconnect(request, asyncio.sleep(token_delay * answer.tokens)):
         on_end("cancelled", b"")
         return Response(status_code=CLIENT_GONE)
     data = orjson.dumps(answer.payload)
-    if drop:
-        return TrackedStream(_truncated(data), "application/json", on_end)
+    if drop is not None:
+        return TrackedStream(_truncated(data, drop), "application/json", on_end)
     on_end("complete", data)
     return Response(data, media_type="application/json")
 
@@ -397,6 +418,7 @@ class EmulatorState:
     wake_delay: float = 0.5
     sleep_delay: float = 0.1
     first_byte_delay: float = 1.0
+    drop_delay: float = 0.05  # "drop": seconds between the last frame sent and the abort
     embedding_dim: int = EMBEDDING_DIM
     failure: str | None = None
     failures_left: int | None = None  # None: the failure mode stays on until cleared
@@ -712,9 +734,8 @@ async def _inference(request: Request) -> Response:
     def on_end(outcome: str, sent: bytes) -> None:
         state.finish(outcome, sent, streamed=streamed)
 
-    return await deliver(
-        request, answer, token_delay=state.token_delay, on_end=on_end, drop=mode == "drop"
-    )
+    drop = state.drop_delay if mode == "drop" else None
+    return await deliver(request, answer, token_delay=state.token_delay, on_end=on_end, drop=drop)
 
 
 async def _health(request: Request) -> Response:
