@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.admin_api import AdminApi
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.logs import AccessLog
@@ -64,7 +65,8 @@ def create_app(config: GatewayConfig, services: Services | None = None) -> Starl
             log.info("gateway.stopped")
 
     app = Starlette(
-        routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes()],
+        routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
+                *AdminApi(services).routes()],
         middleware=[Middleware(AccessLog)],
         exception_handlers={
             GatewayError: _gateway_error,

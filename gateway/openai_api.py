@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -17,6 +18,8 @@ from gateway.calls import ApiCall, parse_call, too_large
 from gateway.config import ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay import SSE_HEADERS, RelayResponse, until_disconnect
+from gateway.replay import Record
+from gateway.response_cache import CacheTicket
 from gateway.scheduler import Lease, Waiter
 from gateway.services import Services
 
@@ -37,8 +40,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def json_response(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type="application/json")
+def json_response(body: bytes, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+@dataclass
+class Exchange:
+    """One API call on its way through the gateway."""
+
+    request: Request
+    call: ApiCall
+    model: ModelConfig
+    ticket: CacheTicket
+
+    @property
+    def request_id(self) -> str:
+        return self.request.scope["state"]["request_id"]
+
+    @property
+    def swap_timeout(self) -> float | None:
+        return _swap_timeout(self.request)
 
 
 class OpenAIApi:
@@ -74,46 +96,60 @@ class OpenAIApi:
                 404, f"Model '{call.model}' (backend '{backend.name}') does not serve "
                 f"/v1/{endpoint}.", code="unsupported_endpoint", param="model",
             )
-        request.scope["state"].update(model=model.name, backend=backend.name)
+        state = request.scope["state"]
+        state.update(model=model.name, backend=backend.name)
+        ticket = services.cache.ticket(call, model, request.headers, state.get("tenant"))
+        exchange = Exchange(request, call, model, ticket)
+        record = await services.cache.lookup(exchange.ticket)
+        if record is not None:
+            return self.replay(exchange, record)
+        state["cache"] = exchange.ticket.header
         if call.stream:
-            return await self.stream(request, call, model)
-        return await until_disconnect(request.receive, self.complete(request, call, model))
+            return await self.stream(exchange)
+        return await until_disconnect(request.receive, self.complete(exchange))
 
-    async def complete(self, request: Request, call: ApiCall, model: ModelConfig) -> Response:
-        proxy = self.services.proxy
-        lease = await self.services.scheduler.acquire(model, _swap_timeout(request))
+    def replay(self, exchange: Exchange, record: Record) -> Response | RelayResponse:
+        """A cache hit: answered without the scheduler, so no model is loaded for it."""
+        exchange.request.scope["state"]["cache"] = "HIT"
+        body = self.services.cache.replay(exchange.call, record)
+        if isinstance(body, bytes):
+            return json_response(body, headers={"x-cache": "HIT"})
+        return RelayResponse(_async(body), headers={**SSE_HEADERS, "x-cache": "HIT"})
+
+    async def complete(self, exchange: Exchange) -> Response:
+        proxy, call = self.services.proxy, exchange.call
+        lease = await self.services.scheduler.acquire(exchange.model, exchange.swap_timeout)
         try:
-            response = await proxy.open(call, lease.target, request.headers, _rid(request))
+            response = await proxy.open(call, lease.target, exchange.request.headers,
+                                        exchange.request_id)
             body = await proxy.read_json(response, lease.target, proxy.renamer(call, lease.target))
         finally:
             lease.release()
-        return json_response(body)
+        self.services.cache.store_json(exchange.ticket, call, body)
+        return json_response(body, headers={"x-cache": exchange.ticket.header})
 
-    async def stream(self, request: Request, call: ApiCall, model: ModelConfig) -> RelayResponse:
-        scheduler = self.services.scheduler
-        ticket = scheduler.request(model)
+    async def stream(self, exchange: Exchange) -> RelayResponse:
+        ticket = self.services.scheduler.request(exchange.model)
+        headers = {**SSE_HEADERS, "x-cache": exchange.ticket.header}
         if isinstance(ticket, Waiter):
             # Answer at once and keep the client company while the model loads.
-            return RelayResponse(self.stream_after_wait(request, call, ticket))
+            return RelayResponse(self.stream_after_wait(exchange, ticket), headers=headers)
         try:
-            response = await until_disconnect(
-                request.receive, self.services.proxy.open(call, ticket.target, request.headers,
-                                                          _rid(request))
-            )
+            response = await until_disconnect(exchange.request.receive, self.services.proxy.open(
+                exchange.call, ticket.target, exchange.request.headers, exchange.request_id))
         except BaseException:
             ticket.release()
             raise
-        headers = dict(SSE_HEADERS)
-        headers["content-type"] = response.headers.get("content-type", SSE_HEADERS["content-type"])
-        return RelayResponse(self.relay(call, response, ticket), headers=headers)
+        headers["content-type"] = response.headers.get("content-type", headers["content-type"])
+        return RelayResponse(self.relay(exchange, response, ticket), headers=headers)
 
-    async def stream_after_wait(self, request: Request, call: ApiCall,
+    async def stream_after_wait(self, exchange: Exchange,
                                 waiter: Waiter) -> AsyncIterator[bytes]:
         scheduler, proxy = self.services.scheduler, self.services.proxy
-        waiting = asyncio.ensure_future(scheduler.wait(waiter, _swap_timeout(request)))
+        waiting = asyncio.ensure_future(scheduler.wait(waiter, exchange.swap_timeout))
         try:
             while not waiting.done():
-                yield f": loading {call.model}\n\n".encode()
+                yield f": loading {exchange.call.model}\n\n".encode()
                 await asyncio.wait((waiting,), timeout=self.services.config.server.heartbeat_s)
             lease = waiting.result()
         except GatewayError as exc:
@@ -122,26 +158,29 @@ class OpenAIApi:
         finally:
             waiting.cancel()
         try:
-            response = await proxy.open(call, lease.target, request.headers, _rid(request))
+            response = await proxy.open(exchange.call, lease.target, exchange.request.headers,
+                                        exchange.request_id)
         except BaseException as exc:
             lease.release()
             if not isinstance(exc, GatewayError):
                 raise
             yield exc.sse_event()
             return
-        async for chunk in self.relay(call, response, lease):
+        async for chunk in self.relay(exchange, response, lease):
             yield chunk
 
-    async def relay(self, call: ApiCall, response: ClientResponse,
+    async def relay(self, exchange: Exchange, response: ClientResponse,
                     lease: Lease) -> AsyncIterator[bytes]:
-        """The upstream stream; the lease is released however it ends."""
-        proxy = self.services.proxy
+        """The upstream stream, teed into the cache; the lease is released however it ends."""
+        proxy, call = self.services.proxy, exchange.call
         chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
+        if exchange.ticket.decision.write:
+            chunks = self.services.cache.tee(exchange.ticket, call, chunks)
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
-            await chunks.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]
             lease.release()
 
     async def list_models(self, request: Request) -> Response:
@@ -180,5 +219,6 @@ def _swap_timeout(request: Request) -> float | None:
     return value
 
 
-def _rid(request: Request) -> str:
-    return request.scope["state"]["request_id"]
+async def _async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk

@@ -7,6 +7,7 @@ from gateway.config import GatewayConfig
 from gateway.drivers import create_driver
 from gateway.drivers.base import Driver
 from gateway.proxy import Proxy
+from gateway.response_cache import ResponseCache
 from gateway.scheduler import Scheduler
 from gateway.upstream import Upstreams
 
@@ -24,10 +25,12 @@ class Services:
             for name, backend in config.backends.items()
         }
         self.scheduler = Scheduler(config, self.catalog, self.drivers)
+        self.cache = ResponseCache(config.cache)
 
     async def start(self) -> None:
         await self.scheduler.start()
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        await self.cache.close()
         await self.upstreams.close()

@@ -2,6 +2,8 @@
 
 Both are pure: the scheduler passes a snapshot and the time, executes the returned Plan, and calls
 again on every event (request queued, lease released, load or unload finished) and at `wake_at`.
+Every Plan names all the models that must not admit now (`drain`): a drain lasts while the plans
+keep naming it, and ends when its swap happens or no swap is wanted any more.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -
     """
     admit = admissible(models)
     if in_transition(models):
-        return Plan(admit=admit, reason=_TRANSITION)
+        return Plan(admit=admit, drain=_names(draining(models)), reason=_TRANSITION)
     waiting = swap_candidates(models, budget, now)
     stalled = stalled_drains(models)
     wake_at = _next_change(models, config, now)
@@ -56,18 +58,20 @@ def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: flo
     """
     admit = admissible(models)
     if in_transition(models):
-        return Plan(admit=admit, reason=_TRANSITION)
+        return Plan(admit=admit, drain=_names(draining(models)), reason=_TRANSITION)
     waiting = [*swap_candidates(models, budget, now), *stalled_drains(models)]
     if not waiting:
         return Plan(admit=admit, reason="no swap needed")
-    oldest = min(waiting, key=_oldest_since)
+    oldest = min(waiting, key=lambda m: (_oldest_since(m), m.name))  # names break ties
     return _Turn(models, budget, admit, {}, None).override(oldest, "fifo")
 
 
 def score(model: ModelView, config: BatchingConfig, now: float) -> float:
     """Queued requests x priority weight, doubling as the oldest waiter's age nears max_wait."""
     weight = PRIORITY_WEIGHT.get(model.priority, 1.0)
-    return model.queued * weight * (1.0 + _age(model, now) / _seconds(config.max_wait_ms))
+    max_wait = _seconds(config.max_wait_ms)
+    aging = _age(model, now) / max_wait if max_wait > 0 else 0.0
+    return model.queued * weight * (1.0 + aging)
 
 
 def admissible(models: Models) -> tuple[str, ...]:
@@ -89,11 +93,14 @@ def swap_candidates(models: Models, budget: Budget, now: float) -> list[ModelVie
     ]
 
 
+def draining(models: Models) -> list[ModelView]:
+    """Loaded models that stopped admitting for a swap decided earlier."""
+    return [m for m in models.values() if m.state is State.LOADED and not m.admitting]
+
+
 def stalled_drains(models: Models) -> list[ModelView]:
-    """Loaded models being drained whose new requests queued behind the drain."""
-    return [
-        m for m in models.values() if m.state is State.LOADED and not m.admitting and m.queued > 0
-    ]
+    """Draining models whose new requests queued behind the drain."""
+    return [m for m in draining(models) if m.queued > 0]
 
 
 def most_overdue(waiting: list[ModelView], config: BatchingConfig, now: float) -> ModelView | None:
@@ -144,13 +151,21 @@ class _Turn:
         return max(candidates, key=lambda m: (self.scores[m.name], -_oldest_since(m)))
 
     def hold(self, reason: str) -> Plan:
-        return Plan(admit=self.admit, wake_at=self.wake_at, reason=reason, scores=self.scores)
+        """No swap yet; drains already decided go on."""
+        return Plan(
+            drain=_names(draining(self.models)),
+            admit=self.admit,
+            wake_at=self.wake_at,
+            reason=reason,
+            scores=self.scores,
+        )
 
     def override(self, oldest: ModelView, why: str) -> Plan:
         """Serve the oldest waiter's model whatever residency says; a drained one resumes."""
         if not oldest.resident:
             return self.swap_to(oldest, frozenset(), why)
         return Plan(
+            drain=_names(m for m in draining(self.models) if m.name != oldest.name),
             admit=(*self.admit, oldest.name),
             wake_at=self.wake_at,
             reason=f"{why}: {oldest.name} resumes",

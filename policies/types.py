@@ -68,10 +68,15 @@ class BatchingConfig:
 class Plan:
     """What the scheduler should do now.
 
-    load: model to start loading now (it fits once `evict` are unloaded).
-    evict: idle resident models to unload now (never one with in_flight > 0).
-    drain: resident models that must stop admitting new requests so they can be evicted later.
-    admit: models whose queued requests may be released now (resident, loaded and admitting).
+    Execute in this order: set admitting on every model (False exactly for `drain`), release
+    the queues of `admit`, unload `evict`, and once those unloads finish, load `load`.
+
+    load: model to load once `evict` are unloaded (it fits then); None while any model moves.
+    evict: idle loaded models to unload now (never one with in_flight > 0).
+    drain: every loaded model that must not admit now (new requests queue, in-flight ones
+        finish) so that it can be evicted later; a drain lasts while the plans keep naming it.
+    admit: loaded models whose queued requests are released now; one may also be in `drain`
+        when it was just loaded but must already make way for an overdue waiter.
     wake_at: when to decide again even if nothing happens (None: only on the next event).
     reason: one short human-readable line for the decision log.
     """

@@ -23,7 +23,8 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None, **uvicorn_options: Any) -> None:
         self.port = port or free_port()
-        options = {"log_level": "warning", "lifespan": "on", **uvicorn_options}
+        options = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": 5,
+                   **uvicorn_options}
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, **options)
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -36,7 +37,10 @@ class ServerThread:
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
 
     def start(self, timeout: float = 15.0) -> ServerThread:
         self._thread.start()

@@ -140,8 +140,11 @@ def test_float_sizes_fit_exactly() -> None:
     assert not fits_together(pair, Budget(max_models=1))
 
 
+Box = tuple[dict[str, ModelView], ModelView, Budget]
+
+
 @st.composite
-def boxes(draw: st.DrawFn) -> tuple[dict[str, ModelView], ModelView, Budget]:
+def boxes(draw: st.DrawFn) -> Box:
     """A resident set within its budget and a newcomer that is not resident."""
     budget = Budget(
         max_models=draw(st.none() | st.integers(1, 4)),
@@ -167,9 +170,7 @@ def boxes(draw: st.DrawFn) -> tuple[dict[str, ModelView], ModelView, Budget]:
 
 
 @given(boxes())
-def test_evictions_make_room_and_touch_only_idle_loaded_models(
-    box: tuple[dict[str, ModelView], ModelView, Budget],
-) -> None:
+def test_evictions_make_room_and_touch_only_idle_loaded_models(box: Box) -> None:
     models, newcomer, budget = box
     evict = choose_evictions(newcomer, models, budget)
     if evict is None:
@@ -183,9 +184,7 @@ def test_evictions_make_room_and_touch_only_idle_loaded_models(
 
 
 @given(boxes())
-def test_victims_make_room_and_only_busy_ones_are_drained(
-    box: tuple[dict[str, ModelView], ModelView, Budget],
-) -> None:
+def test_victims_make_room_and_only_busy_ones_are_drained(box: Box) -> None:
     models, newcomer, budget = box
     victims = choose_victims(newcomer, models, budget)
     drains = choose_drains(newcomer, models, budget)
