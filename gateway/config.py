@@ -109,6 +109,12 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingBatching:
+    window_ms: float = 5.0  # embedding requests for one model within this are merged; 0 = off
+    max_inputs: int = 256  # a batch is sent at once when it holds this many inputs
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     swapper: SwapperConfig = SwapperConfig()
     server: ServerConfig = ServerConfig()
@@ -116,6 +122,7 @@ class GatewayConfig:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     cache: CacheConfig = CacheConfig()
     batching: BatchingConfig = BatchingConfig()
+    embedding_batching: EmbeddingBatching = EmbeddingBatching()
     source: str = "<defaults>"
 
 
@@ -360,6 +367,18 @@ def _batching(reader: _Reader, data: Mapping[str, Any]) -> BatchingConfig:
     return BatchingConfig(**values)
 
 
+def _embedding_batching(reader: _Reader, data: Mapping[str, Any]) -> EmbeddingBatching:
+    section = reader.section(data, "batching", "")
+    d = EmbeddingBatching()
+    config = EmbeddingBatching(
+        window_ms=reader.get(section, "embeddings_window_ms", "batching", float, d.window_ms),
+        max_inputs=reader.get(section, "embeddings_max_inputs", "batching", int, d.max_inputs),
+    )
+    reader.positive(config.window_ms, "batching.embeddings_window_ms")
+    reader.positive(config.max_inputs, "batching.embeddings_max_inputs", allow_zero=False)
+    return config
+
+
 def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: str | None) -> None:
     seen: dict[str, str] = {}
     for model in models.values():
@@ -405,6 +424,7 @@ def parse_config(
         models=models,
         cache=_cache(reader, data),
         batching=_batching(reader, data),
+        embedding_batching=_embedding_batching(reader, data),
         source=source,
     )
 

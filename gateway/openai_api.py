@@ -1,4 +1,9 @@
-"""The OpenAI-compatible routes under /v1."""
+"""The OpenAI-compatible routes under /v1.
+
+The way of one call: parse → resolve the model → cache lookup (a hit is answered here, without
+the scheduler) → join an identical call already in flight, or lead one → lease from the
+scheduler (queueing while the model loads) → proxy to the backend → relay, tee into the cache.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.calls import ApiCall, parse_call, too_large
+from gateway.coalescing import Leadership
 from gateway.config import ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay import SSE_HEADERS, RelayResponse, until_disconnect
@@ -53,14 +59,16 @@ class Exchange:
     call: ApiCall
     model: ModelConfig
     ticket: CacheTicket
+    swap_timeout: float | None  # the client's X-Swap-Timeout, if it sent one
+    leadership: Leadership | None = None  # set when this call leads identical ones
 
     @property
     def request_id(self) -> str:
         return self.request.scope["state"]["request_id"]
 
-    @property
-    def swap_timeout(self) -> float | None:
-        return _swap_timeout(self.request)
+    def settle(self, record: Record | None) -> None:
+        if self.leadership is not None:
+            self.leadership.settle(record)
 
 
 class OpenAIApi:
@@ -85,7 +93,29 @@ class OpenAIApi:
 
         return handle
 
+    # -- the way of one call ----------------------------------------------------------------
+
     async def handle(self, request: Request, endpoint: str) -> Response | RelayResponse:
+        exchange = await self.prepare(request, endpoint)
+        services = self.services
+        record = await services.cache.lookup(exchange.ticket)
+        if record is not None:
+            return self.replay(exchange, record, "HIT")
+        request.scope["state"]["cache"] = exchange.ticket.header
+        if exchange.ticket.decision.write:
+            leadership, leads = services.coalescer.join(exchange.ticket.key)
+            if not leads:
+                return await self.follow(exchange, leadership)
+            exchange.leadership = leadership
+        try:
+            if exchange.call.stream:
+                return await self.stream(exchange)
+            return await until_disconnect(request.receive, self.complete(exchange))
+        except BaseException:
+            exchange.settle(None)
+            raise
+
+    async def prepare(self, request: Request, endpoint: str) -> Exchange:
         services = self.services
         raw = await read_body(request, services.config.server.max_body_bytes)
         call = parse_call(endpoint, raw)
@@ -99,33 +129,36 @@ class OpenAIApi:
         state = request.scope["state"]
         state.update(model=model.name, backend=backend.name)
         ticket = services.cache.ticket(call, model, request.headers, state.get("tenant"))
-        exchange = Exchange(request, call, model, ticket)
-        record = await services.cache.lookup(exchange.ticket)
-        if record is not None:
-            return self.replay(exchange, record)
-        state["cache"] = exchange.ticket.header
-        if call.stream:
-            return await self.stream(exchange)
-        return await until_disconnect(request.receive, self.complete(exchange))
+        return Exchange(request, call, model, ticket, _swap_timeout(request))
 
-    def replay(self, exchange: Exchange, record: Record) -> Response | RelayResponse:
-        """A cache hit: answered without the scheduler, so no model is loaded for it."""
-        exchange.request.scope["state"]["cache"] = "HIT"
+    def replay(self, exchange: Exchange, record: Record,
+               cache_header: str) -> Response | RelayResponse:
+        """A stored or shared answer: no scheduler, so no model is loaded for it."""
+        exchange.request.scope["state"]["cache"] = cache_header
         body = self.services.cache.replay(exchange.call, record)
         if isinstance(body, bytes):
-            return json_response(body, headers={"x-cache": "HIT"})
-        return RelayResponse(_async(body), headers={**SSE_HEADERS, "x-cache": "HIT"})
+            return json_response(body, headers={"x-cache": cache_header})
+        return RelayResponse(_async(body), headers={**SSE_HEADERS, "x-cache": cache_header})
+
+    async def follow(self, exchange: Exchange,
+                     leadership: Leadership) -> Response | RelayResponse:
+        """Wait for the identical call in flight; make our own if it ends without an answer."""
+        headers = {**SSE_HEADERS, "x-cache": "MISS", "x-coalesced": "true"}
+        if exchange.call.stream:
+            return RelayResponse(self.stream_after_follow(exchange, leadership), headers=headers)
+        record = await until_disconnect(exchange.request.receive, leadership.outcome())
+        if record is not None:
+            return self.replay(exchange, record, "MISS")
+        return await until_disconnect(exchange.request.receive, self.complete(exchange))
 
     async def complete(self, exchange: Exchange) -> Response:
-        proxy, call = self.services.proxy, exchange.call
-        lease = await self.services.scheduler.acquire(exchange.model, exchange.swap_timeout)
-        try:
-            response = await proxy.open(call, lease.target, exchange.request.headers,
-                                        exchange.request_id)
-            body = await proxy.read_json(response, lease.target, proxy.renamer(call, lease.target))
-        finally:
-            lease.release()
-        self.services.cache.store_json(exchange.ticket, call, body)
+        call, services = exchange.call, self.services
+        if call.endpoint == "embeddings":
+            body = await services.embeddings.submit(call, exchange.model)
+        else:
+            body = await services.fetch_json(call, exchange.model, exchange.request.headers,
+                                             exchange.request_id, exchange.swap_timeout)
+        exchange.settle(services.cache.store_json(exchange.ticket, call, body))
         return json_response(body, headers={"x-cache": exchange.ticket.header})
 
     async def stream(self, exchange: Exchange) -> RelayResponse:
@@ -143,25 +176,54 @@ class OpenAIApi:
         headers["content-type"] = response.headers.get("content-type", headers["content-type"])
         return RelayResponse(self.relay(exchange, response, ticket), headers=headers)
 
-    async def stream_after_wait(self, exchange: Exchange,
-                                waiter: Waiter) -> AsyncIterator[bytes]:
-        scheduler, proxy = self.services.scheduler, self.services.proxy
-        waiting = asyncio.ensure_future(scheduler.wait(waiter, exchange.swap_timeout))
+    # -- streams that start before their answer is ready ------------------------------------
+
+    async def heartbeat(self, exchange: Exchange, task: asyncio.Future[Any],
+                        what: str) -> AsyncIterator[bytes]:
+        """SSE comments every few seconds until `task` is done, so no proxy times out."""
+        interval = self.services.config.server.heartbeat_s
+        while not task.done():
+            yield f": {what} {exchange.call.model}\n\n".encode()
+            await asyncio.wait((task,), timeout=interval)
+
+    async def stream_after_follow(self, exchange: Exchange,
+                                  leadership: Leadership) -> AsyncIterator[bytes]:
+        outcome = asyncio.ensure_future(leadership.outcome())
         try:
-            while not waiting.done():
-                yield f": loading {exchange.call.model}\n\n".encode()
-                await asyncio.wait((waiting,), timeout=self.services.config.server.heartbeat_s)
-            lease = waiting.result()
+            async for comment in self.heartbeat(exchange, outcome, "waiting for"):
+                yield comment
+        finally:
+            outcome.cancel()
+        record = outcome.result()
+        if record is not None:
+            for chunk in self.services.cache.replay(exchange.call, record):
+                yield chunk  # type: ignore[misc]
+            return
+        async for chunk in self.stream_after_wait(exchange, None):
+            yield chunk
+
+    async def stream_after_wait(self, exchange: Exchange,
+                                waiter: Waiter | None) -> AsyncIterator[bytes]:
+        scheduler, proxy = self.services.scheduler, self.services.proxy
+        acquiring = asyncio.ensure_future(
+            scheduler.wait(waiter, exchange.swap_timeout) if waiter
+            else scheduler.acquire(exchange.model, exchange.swap_timeout))
+        try:
+            async for comment in self.heartbeat(exchange, acquiring, "loading"):
+                yield comment
+            lease = acquiring.result()
         except GatewayError as exc:
+            exchange.settle(None)
             yield exc.sse_event()
             return
         finally:
-            waiting.cancel()
+            acquiring.cancel()
         try:
             response = await proxy.open(exchange.call, lease.target, exchange.request.headers,
                                         exchange.request_id)
         except BaseException as exc:
             lease.release()
+            exchange.settle(None)
             if not isinstance(exc, GatewayError):
                 raise
             yield exc.sse_event()
@@ -175,13 +237,16 @@ class OpenAIApi:
         proxy, call = self.services.proxy, exchange.call
         chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
         if exchange.ticket.decision.write:
-            chunks = self.services.cache.tee(exchange.ticket, call, chunks)
+            chunks = self.services.cache.tee(exchange.ticket, call, chunks, exchange.settle)
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
             lease.release()
+            exchange.settle(None)  # no-op when the tee already settled with the answer
+
+    # -- models ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
         data = [self.describe(model) for model in self.services.catalog.models()]
@@ -222,3 +287,4 @@ def _swap_timeout(request: Request) -> float | None:
 async def _async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
+

@@ -7,7 +7,7 @@ completion is one record, replayed as JSON or as an OpenAI stream, whichever the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -74,15 +74,19 @@ class ResponseCache:
             return render_sse(record, include_usage=call.include_usage)
         return render_json(record)
 
-    def store_json(self, ticket: CacheTicket, call: ApiCall, body: bytes) -> None:
-        if ticket.decision.write:
-            record = record_from_json(call.endpoint, body)
-            if record is not None:
-                self._write(ticket, record)
+    def store_json(self, ticket: CacheTicket, call: ApiCall, body: bytes) -> Record | None:
+        """Store a complete JSON answer; the record stored, if any."""
+        if not ticket.decision.write:
+            return None
+        record = record_from_json(call.endpoint, body)
+        if record is not None:
+            self._write(ticket, record)
+        return record
 
-    async def tee(self, ticket: CacheTicket, call: ApiCall,
-                  chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Relay `chunks` unchanged; store the answer only if the stream completed."""
+    async def tee(self, ticket: CacheTicket, call: ApiCall, chunks: AsyncIterator[bytes],
+                  on_record: Callable[[Record | None], None]) -> AsyncIterator[bytes]:
+        """Relay `chunks` unchanged; store the answer only if the stream completed, and hand
+        the record (or None) to `on_record`."""
         accumulator = SseAccumulator(call.endpoint)
         completed = False
         try:
@@ -95,6 +99,7 @@ class ResponseCache:
         record = accumulator.result() if completed else None
         if record is not None:
             self._write(ticket, record)
+        on_record(record)
 
     def _write(self, ticket: CacheTicket, record: Record) -> None:
         task = asyncio.create_task(

@@ -194,3 +194,26 @@ def test_multi_active_keeps_the_memory_budget(start_gateway: Any, ollama: Any) -
                           json=ask(name)).status_code == 200
     assert emulator(ollama).max_loaded_bytes <= 8 * GB
     assert len(httpx.get(gateway.url + "/status").json()["loaded_models"]) == 2
+
+
+def test_batching_window_serves_interleaved_traffic_with_few_swaps(start_gateway: Any,
+                                                                   start_server: Any) -> None:
+    slow = start_server(ollama_emulator.create_app(
+        {f"{n}:7b": 4.0 for n in "abc"}, load_delay=0.2, tokens=5, token_delay=0.01))
+    config = three_models(slow.url)
+    config["batching"] = {"window_ms": 400, "min_residency_ms": 400, "max_wait_ms": 20000}
+    gateway = start_gateway(config)
+    trace = list("abc" * 8)  # every request changes the model: 23 changes in arrival order
+    with httpx.Client(base_url=gateway.url, timeout=60) as http, ThreadPoolExecutor(24) as pool:
+        futures = []
+        for name in trace:  # paced arrivals, as a trace replays them
+            futures.append(pool.submit(http.post, "/v1/chat/completions", json=ask(name)))
+            threading.Event().wait(0.02)
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * len(trace)
+    loads = sum(emulator(slow).load_count.values())
+    assert loads <= 6, f"{loads} loads for {len(trace) - 1} changes of model"
+    decisions = httpx.get(gateway.url + "/status").json()["decisions"]
+    load_decisions = [d for d in decisions if d["action"] == "load"]
+    assert len(load_decisions) == loads and all(d["waiting"] >= 1 for d in load_decisions)
+    assert all(d["reason"] for d in load_decisions)

@@ -420,6 +420,7 @@ class EmulatorState:
     first_byte_delay: float = 1.0
     drop_delay: float = 0.05  # "drop": seconds between the last frame sent and the abort
     embedding_dim: int = EMBEDDING_DIM
+    max_input_tokens: int | None = None  # vLLM's max_model_len: a longer input is refused (400)
     failure: str | None = None
     failures_left: int | None = None  # None: the failure mode stays on until cleared
     healthy: bool = True  # False makes /health answer 503
@@ -705,6 +706,16 @@ def _client_gone(state: EmulatorState) -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
+def _too_long(state: EmulatorState, body: dict[str, Any]) -> Response | None:
+    """vLLM refuses the whole request when one input exceeds the model's context."""
+    limit = state.max_input_tokens
+    texts = embedding_inputs(body.get("input")) or []
+    if limit is None or all(count_tokens(text) <= limit for text in texts):
+        return None
+    message = f"This model's maximum context length is {limit} tokens."
+    return vllm_error(400, message, "BadRequestError", "input")
+
+
 async def _inference(request: Request) -> Response:
     state: EmulatorState = request.app.state.emulator
     state.paths[request.url.path] += 1
@@ -714,6 +725,10 @@ async def _inference(request: Request) -> Response:
     body, model = admitted
     state.requests[model] += 1
     state.in_flight += 1
+    too_long = _too_long(state, body)
+    if too_long is not None:
+        state.in_flight -= 1
+        return too_long
     mode = state.take_failure()
     if mode in {"500", "text500", "garbage"}:
         state.in_flight -= 1

