@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY policies ./policies
-RUN /opt/venv/bin/pip install . && /opt/venv/bin/python -m compileall -q /opt/venv
+RUN /opt/venv/bin/pip install .
 
 # Runtime: the venv alone (same base image, so same interpreter path), run as a non-root user.
 FROM ${PYTHON_IMAGE} AS runtime
@@ -22,7 +22,7 @@ RUN groupadd --system --gid 10001 swapper \
 COPY --from=build /opt/venv /opt/venv
 # The old service's example config, so the image starts on its own; mount your own over it.
 COPY examples/swapper_config.yaml /etc/swapper/swapper_config.yaml
-# Bytecode is compiled at build time; the root filesystem may be read-only at run time.
+# pip compiled the bytecode at build time; the root filesystem may be read-only at run time.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

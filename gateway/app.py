@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin_api import AdminApi
+from gateway.auth import AuthMiddleware, KeyRing
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.logs import AccessLog
@@ -20,6 +21,7 @@ from gateway.openai_api import OpenAIApi
 from gateway.relay import ClientGone
 from gateway.services import Services
 from gateway.swapper_api import SwapperApi
+from gateway.ui import ui_routes
 
 log = structlog.get_logger("gateway")
 
@@ -58,6 +60,8 @@ def create_app(config: GatewayConfig, services: Services | None = None) -> Starl
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.start()
         log.info("gateway.started", config=config.source, models=len(config.models))
+        if config.auth.open:
+            log.warning("auth.open", message="no API keys configured: every client is let in")
         try:
             yield
         finally:
@@ -66,8 +70,8 @@ def create_app(config: GatewayConfig, services: Services | None = None) -> Starl
 
     app = Starlette(
         routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
-                *AdminApi(services).routes()],
-        middleware=[Middleware(AccessLog)],
+                *AdminApi(services).routes(), *ui_routes(services)],
+        middleware=[Middleware(AccessLog), Middleware(AuthMiddleware, keys=KeyRing(config.auth))],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,

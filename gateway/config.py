@@ -109,6 +109,28 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class KeyConfig:
+    """One API key: its name is the tenant (logged, never the key itself)."""
+
+    name: str
+    secret: str
+    models: frozenset[str] | None = None  # allow-list of model names/aliases; None = all
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_concurrent: int | None = None
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    keys: tuple[KeyConfig, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+
+@dataclass(frozen=True)
 class EmbeddingBatching:
     window_ms: float = 5.0  # embedding requests for one model within this are merged; 0 = off
     max_inputs: int = 256  # a batch is sent at once when it holds this many inputs
@@ -123,6 +145,7 @@ class GatewayConfig:
     cache: CacheConfig = CacheConfig()
     batching: BatchingConfig = BatchingConfig()
     embedding_batching: EmbeddingBatching = EmbeddingBatching()
+    auth: AuthConfig = AuthConfig()
     source: str = "<defaults>"
 
 
@@ -379,6 +402,74 @@ def _embedding_batching(reader: _Reader, data: Mapping[str, Any]) -> EmbeddingBa
     return config
 
 
+def _secret(reader: _Reader, data: Mapping[str, Any], path: str,
+            env: Mapping[str, str]) -> str:
+    """A key given inline, by environment variable or by a mounted secret file."""
+    inline = reader.get(data, "key", path, str, None)
+    variable = reader.get(data, "key_env", path, str, None)
+    file = reader.get(data, "key_file", path, str, None)
+    if variable:
+        inline = env.get(variable)
+        if not inline:
+            raise reader.fail(_join(path, "key_env"), f"environment variable {variable} is unset")
+    elif file:
+        try:
+            inline = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise reader.fail(_join(path, "key_file"), f"cannot read {file}: {exc}") from None
+    if not inline:
+        raise reader.fail(path, "needs one of key, key_env or key_file")
+    return inline
+
+
+def _key(reader: _Reader, index: int, data: Any, env: Mapping[str, str]) -> KeyConfig:
+    path = f"auth.keys[{index}]"
+    if not isinstance(data, Mapping):
+        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+    name = reader.get(data, "name", path, str, None)
+    if not name:
+        raise reader.fail(_join(path, "name"), "is required (it names the tenant)")
+    models = reader.get(data, "models", path, list, None)
+    limits = {key: reader.get(data, key, path, float, None)
+              for key in ("requests_per_minute", "tokens_per_minute")}
+    for key, value in limits.items():
+        reader.positive(value, _join(path, key), allow_zero=False)
+    concurrent = reader.get(data, "max_concurrent", path, int, None)
+    reader.positive(concurrent, _join(path, "max_concurrent"), allow_zero=False)
+    return KeyConfig(
+        name=name, secret=_secret(reader, data, path, env),
+        models=frozenset(models) if models is not None else None,
+        max_concurrent=concurrent, admin=reader.get(data, "admin", path, bool, False), **limits,
+    )
+
+
+def _env_keys(raw: str) -> list[KeyConfig]:
+    """$SWAPPER_API_KEYS: `name:key,name:key` (what a Kubernetes Secret puts in the env)."""
+    keys = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, secret = item.partition(":")
+        if not sep or not name or not secret:
+            raise ConfigError("environment: SWAPPER_API_KEYS: expected name:key[,name:key...]")
+        keys.append(KeyConfig(name=name, secret=secret))
+    return keys
+
+
+def _auth(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> AuthConfig:
+    section = reader.section(data, "auth", "")
+    items = reader.get(section, "keys", "auth", list, [])
+    keys = [_key(reader, i, item, env) for i, item in enumerate(items)]
+    keys += _env_keys(env.get("SWAPPER_API_KEYS", ""))
+    admin = env.get("SWAPPER_ADMIN_KEY")
+    if admin:
+        keys.append(KeyConfig(name="admin", secret=admin, admin=True))
+    seen: set[str] = set()
+    for key in keys:
+        if key.secret in seen:
+            raise reader.fail("auth.keys", f"key of {key.name!r} is given twice")
+        seen.add(key.secret)
+    return AuthConfig(tuple(keys))
+
+
 def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: str | None) -> None:
     seen: dict[str, str] = {}
     for model in models.values():
@@ -425,6 +516,7 @@ def parse_config(
         cache=_cache(reader, data),
         batching=_batching(reader, data),
         embedding_batching=_embedding_batching(reader, data),
+        auth=_auth(reader, data, env),
         source=source,
     )
 

@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ INSTALL_COMMAND = f"LLAMA_CPP_BUILD_JOBS=2 {sys.executable} -m pip install llama
 DEMO_EXTRA_COMMAND = f"{sys.executable} -m pip install 'swapper-gateway[demo]'"
 SERVER_ARGS = "-m {path} --host {host} --port {port} -a {served_name}"
 EMBEDDING_ARGS = "--embedding --pooling mean"
+DEMO_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swapper-gateway/demo"
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,13 @@ def find_llama_server() -> Path | None:
         return None
 
 
-def process_cmd(binary: Path, *, embedding: bool = False) -> str:
+def process_cmd(binary: Path, *, embedding: bool = False, extra_args: str = "") -> str:
     """The `process` backend's command template that runs one model in `llama-server`."""
-    args = f"{SERVER_ARGS} {EMBEDDING_ARGS}" if embedding else SERVER_ARGS
-    return f"{shlex.quote(str(binary))} {args}"
+    args = [SERVER_ARGS, EMBEDDING_ARGS if embedding else "", extra_args]
+    return " ".join([shlex.quote(str(binary)), *filter(None, args)])
 
 
-def write_models(directory: Path, models: tuple[TinyModel, ...] = DEMO_MODELS) -> dict[str, Path]:
+def write_models(directory: Path, models: Sequence[TinyModel] = DEMO_MODELS) -> dict[str, Path]:
     """Each model's GGUF file in `directory`, written anew (it takes milliseconds)."""
     from gateway.tinymodels import write_tiny_gguf  # needs the `demo` extra
 
@@ -69,23 +71,31 @@ def write_models(directory: Path, models: tuple[TinyModel, ...] = DEMO_MODELS) -
             for index, m in enumerate(models)}
 
 
-def demo_config(binary: Path, paths: dict[str, Path], host: str, port: int) -> dict[str, Any]:
-    embedding = {m.name for m in DEMO_MODELS if m.embedding}
-    backend = {"kind": "process", "start_timeout": 60, "stop_grace": 5}
+def llama_config(binary: Path, models: Sequence[TinyModel], paths: Mapping[str, Path],
+                 extra_args: str = "", **backend_options: Any) -> dict[str, Any]:
+    """Config `backends` and `models` serving `models`: each in its own `llama-server` process
+    (`extra_args` added to its command), chat models under backend `llama`, embedding models
+    under `llama-embed`."""
+    backends = {name: {"kind": "process", **backend_options,
+                       "cmd": process_cmd(binary, embedding=embedding, extra_args=extra_args)}
+                for name, embedding in (("llama", False), ("llama-embed", True))}
+    entries = {
+        m.name: {"backend": "llama-embed" if m.embedding else "llama", "path": str(paths[m.name]),
+                 "type": "embedding" if m.embedding else "llm",
+                 "size_gb": round(paths[m.name].stat().st_size / 1e9, 4)}
+        for m in models
+    }
+    return {"backends": backends, "models": entries}
+
+
+def demo_config(binary: Path, paths: Mapping[str, Path], host: str, port: int) -> dict[str, Any]:
     return {
         "swapper": {"mode": "single-active", "default_model": DEMO_MODELS[0].name},
+        # These models load in milliseconds: gather competing demand only briefly before a swap.
+        "batching": {"window_ms": 300},
         # The model servers' output is logged at info; warnings keep the demo's console readable.
         "server": {"host": host, "port": port, "log_level": "warning"},
-        "backends": {
-            "llama": {**backend, "cmd": process_cmd(binary)},
-            "llama-embed": {**backend, "cmd": process_cmd(binary, embedding=True)},
-        },
-        "models": {
-            name: {"backend": "llama-embed" if name in embedding else "llama", "path": str(path),
-                   "type": "embedding" if name in embedding else "llm",
-                   "size_gb": round(path.stat().st_size / 1e9, 4)}
-            for name, path in paths.items()
-        },
+        **llama_config(binary, DEMO_MODELS, paths, start_timeout=60, stop_grace=5),
     }
 
 
@@ -93,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
     binary = find_llama_server()
     if binary is None:
         print("swapper-gateway demo: llama.cpp's server (llama-server) is not installed.\n"
-              f"Install it (about 11 minutes on 2 cores) with:\n  {INSTALL_COMMAND}",
+              f"Install it (a one-time build of about 10 minutes) with:\n  {INSTALL_COMMAND}",
               file=sys.stderr)
         return 1
     try:

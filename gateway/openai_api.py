@@ -22,12 +22,13 @@ from starlette.routing import Route
 from gateway.calls import ApiCall, parse_call, too_large
 from gateway.coalescing import Leadership
 from gateway.config import ModelConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 from gateway.relay import SSE_HEADERS, RelayResponse, until_disconnect
 from gateway.replay import Record
 from gateway.response_cache import CacheTicket
 from gateway.scheduler import Lease, Waiter
 from gateway.services import Services
+from gateway.usage import UsageScanner, usage_tokens
 
 _STARTED = int(time.time())
 
@@ -65,6 +66,12 @@ class Exchange:
     @property
     def request_id(self) -> str:
         return self.request.scope["state"]["request_id"]
+
+    @property
+    def meters_tokens(self) -> bool:
+        """Whether the caller's key has a token budget to charge this answer to."""
+        tenant = self.request.scope["state"].get("key")
+        return tenant is not None and tenant.tokens is not None
 
     def settle(self, record: Record | None) -> None:
         if self.leadership is not None:
@@ -127,6 +134,9 @@ class OpenAIApi:
                 f"/v1/{endpoint}.", code="unsupported_endpoint", param="model",
             )
         state = request.scope["state"]
+        tenant = state.get("key")
+        if tenant is not None and not tenant.allows({model.name, call.model}):
+            raise model_not_found(call.model)
         state.update(model=model.name, backend=backend.name)
         ticket = services.cache.ticket(call, model, request.headers, state.get("tenant"))
         return Exchange(request, call, model, ticket, _swap_timeout(request))
@@ -159,6 +169,8 @@ class OpenAIApi:
             body = await services.fetch_json(call, exchange.model, exchange.request.headers,
                                              exchange.request_id, exchange.swap_timeout)
         exchange.settle(services.cache.store_json(exchange.ticket, call, body))
+        if exchange.meters_tokens:
+            exchange.request.scope["state"]["usage_tokens"] = usage_tokens(body)
         return json_response(body, headers={"x-cache": exchange.ticket.header})
 
     async def stream(self, exchange: Exchange) -> RelayResponse:
@@ -238,22 +250,33 @@ class OpenAIApi:
         chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
         if exchange.ticket.decision.write:
             chunks = self.services.cache.tee(exchange.ticket, call, chunks, exchange.settle)
+        scanner = UsageScanner() if exchange.meters_tokens else None
         try:
             async for chunk in chunks:
+                if scanner:
+                    scanner.feed(chunk)
                 yield chunk
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
             lease.release()
+            if scanner:
+                exchange.request.scope["state"]["usage_tokens"] = scanner.tokens
             exchange.settle(None)  # no-op when the tee already settled with the answer
 
     # -- models ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        data = [self.describe(model) for model in self.services.catalog.models()]
+        tenant = request.scope["state"].get("key")
+        data = [self.describe(model) for model in self.services.catalog.models()
+                if tenant is None or tenant.allows({model.name, *model.aliases})]
         return json_response(orjson.dumps({"object": "list", "data": data}))
 
     async def get_model(self, request: Request) -> Response:
-        model = self.services.catalog.resolve(request.path_params["model_id"])
+        name = request.path_params["model_id"]
+        model = self.services.catalog.resolve(name)
+        tenant = request.scope["state"].get("key")
+        if tenant is not None and not tenant.allows({model.name, name}):
+            raise model_not_found(name)
         return json_response(orjson.dumps(self.describe(model)))
 
     def describe(self, model: ModelConfig) -> dict[str, Any]:

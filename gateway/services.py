@@ -20,6 +20,7 @@ from gateway.upstream import Upstreams
 class Services:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.ready = False  # started and not shutting down (the readiness probe)
         self.catalog = Catalog(config)
         self.upstreams = Upstreams(dict(config.backends))
         self.proxy = Proxy(self.upstreams, rename_models=config.server.rewrite_model_name)
@@ -39,8 +40,10 @@ class Services:
 
     async def start(self) -> None:
         await self.scheduler.start()
+        self.ready = True
 
     async def stop(self) -> None:
+        self.ready = False
         await self.embeddings.close()
         await self.scheduler.stop()
         await self.cache.close()

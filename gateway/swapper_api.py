@@ -34,6 +34,7 @@ class SwapperApi:
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
             Route("/models", self.list_models, methods=["GET"]),
             Route("/models/{name:path}/load", self.load, methods=["POST"]),
@@ -66,6 +67,11 @@ class SwapperApi:
             "mode": self.services.config.swapper.mode,
             "active_model": loaded[0] if loaded else None,
         })
+
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 503 before the services started and while shutting down."""
+        ready = self.services.ready
+        return _json({"ready": ready}, status=200 if ready else 503)
 
     async def status(self, request: Request) -> Response:
         scheduler = self.services.scheduler

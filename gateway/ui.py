@@ -23,6 +23,8 @@ from policies.types import State
 
 REFRESH_S = 5
 _DECISIONS_SHOWN = 15
+_NUMERIC = frozenset({"Size GB", "Queue", "In flight", "Last load", "Uptime", "Requests",
+                      "Waiting"})  # right-aligned columns
 _BLANK = "\u2013"  # an en dash where there is no value yet
 
 _CSS = """
@@ -55,13 +57,13 @@ footer{color:#98a2b3;font-size:12px;padding:8px 28px 20px}
 
 def ui_routes(services: Services) -> list[Route]:
     async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(render_page(services, time.time()),
+        return HTMLResponse(_render(services, time.time()),
                             headers={"cache-control": "no-store"})
 
     return [Route("/ui", page, methods=["GET"])]
 
 
-def render_page(services: Services, wall: float) -> str:
+def _render(services: Services, wall: float) -> str:
     scheduler = services.scheduler
     now = scheduler.clock()
     slots = list(scheduler.slots.values())
@@ -151,7 +153,7 @@ def _table(headers: Sequence[str], rows: Iterable[list[str]], empty: str) -> str
     rendered = "".join(f"<tr>{''.join(row)}</tr>" for row in rows)
     if not rendered:
         return f"<table><tr><td class=empty>{escape(empty)}</td></tr></table>"
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    head = "".join(f"<th{' class=num' if h in _NUMERIC else ''}>{escape(h)}</th>" for h in headers)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rendered}</tbody></table>"
 
 

@@ -57,7 +57,8 @@ def test_followers_still_answered_when_the_leaders_client_leaves(gateway: Any,
     state = emulator(slow)
     leader = httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body)
     response = leader.__enter__()
-    next(response.iter_raw())  # the leader's stream has started upstream
+    chunks = response.iter_raw()  # held: a dropped iterator would close the stream
+    next(chunks)  # the leader's stream has started upstream
     results: list[httpx.Response] = []
     follower = threading.Thread(target=lambda: results.append(httpx.post(
         gateway.url + "/v1/chat/completions", json=body | {"stream": False}, timeout=30)))

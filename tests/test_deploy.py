@@ -49,6 +49,7 @@ def test_dockerfile_key_lines() -> None:
     assert json.loads(instructions("ENTRYPOINT")[0]) == ["swapper-gateway"]
     assert json.loads(instructions("CMD")[0]) == ["serve"]
     assert image_env()["SWAPPER_CONFIG_PATH"] == "/etc/swapper/swapper_config.yaml"
+    assert "examples/swapper_config.yaml /etc/swapper/swapper_config.yaml" in instructions("COPY")
     assert image_env()["SWAPPER_HEALTH_URL"] == "http://127.0.0.1:8890/health"
     assert "CMD" in instructions("HEALTHCHECK")[0]
 

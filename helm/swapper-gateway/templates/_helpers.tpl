@@ -82,7 +82,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "swapper-gateway.apiKeysSecret" -}}
 {{- if .Values.apiKeys.existingSecret }}
 {{- .Values.apiKeys.existingSecret }}
-{{- else if .Values.apiKeys.keys }}
+{{- else if or .Values.apiKeys.keys .Values.apiKeys.adminKey }}
 {{- printf "%s-api-keys" (include "swapper-gateway.fullname" .) }}
 {{- end }}
 {{- end }}
