@@ -438,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-ms", type=float, default=defaults.window_ms)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     parser.add_argument("--min-residency-ms", type=float, default=defaults.min_residency_ms)
+    parser.add_argument("--burst-gap-ms", type=float, default=defaults.burst_gap_ms)
     args = parser.parse_args(argv)
-    config = BatchingConfig(args.window_ms, args.max_wait_ms, args.min_residency_ms)
+    config = BatchingConfig(args.window_ms, args.max_wait_ms, args.min_residency_ms,
+                            args.burst_gap_ms)
     results = {s.name: compare(s, config) for s in scenarios(args.seed, args.requests)}
     print(f"seed {args.seed}, {args.requests} requests per trace, {config}\n")
     print(table(results))

@@ -41,11 +41,14 @@ class ApiCall:
     stream: bool
     include_usage: bool
 
-    def body_for(self, served_name: str) -> bytes:
-        """The body to send upstream: the client's bytes unless the model name must change."""
-        if self.model == served_name:
+    def body_for(self, served_name: str, drop: frozenset[str] = frozenset()) -> bytes:
+        """The body to send upstream: the client's bytes unless the model name must change or
+        fields in `drop` are present."""
+        dropped = drop.intersection(self.body)
+        if self.model == served_name and not dropped:
             return self.raw
-        return orjson.dumps({**self.body, "model": served_name})
+        body = {k: v for k, v in self.body.items() if k not in dropped}
+        return orjson.dumps({**body, "model": served_name})
 
 
 def parse_call(endpoint: str, raw: bytes) -> ApiCall:

@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.discovery import discover_ollama_models
 from gateway.logs import configure_logging
 
 
@@ -23,6 +24,7 @@ def _load(path: str | None) -> GatewayConfig:
 def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     configure_logging(config.server.log_level)
+    config = discover_ollama_models(config)
     uvicorn.run(
         create_app(config),
         host=args.host or config.server.host,

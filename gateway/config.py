@@ -65,6 +65,7 @@ class ModelConfig:
     ttl_s: float = 0.0  # idle unload after this many seconds; 0 = never
     path: str | None = None
     num_ctx: int | None = None  # Ollama: pinned so requests cannot force a reload
+    max_concurrent: int | None = None  # requests served at once; more wait in the queue
     cache_enabled: bool = True
     cache_shared: bool = False  # one cache for all tenants instead of one per key
 
@@ -304,9 +305,16 @@ def _model(
         ttl_s=ttl,
         path=model_path,
         num_ctx=reader.get(data, "num_ctx", path, int, None),
+        max_concurrent=_positive_int(reader, data, "max_concurrent", path),
         cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
         cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
     )
+
+
+def _positive_int(reader: _Reader, data: Mapping[str, Any], key: str, path: str) -> int | None:
+    value = reader.get(data, key, path, int, None)
+    reader.positive(value, _join(path, key), allow_zero=False)
+    return value
 
 
 def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> SwapperConfig:
@@ -383,7 +391,7 @@ def _batching(reader: _Reader, data: Mapping[str, Any]) -> BatchingConfig:
     d = BatchingConfig()
     values = {
         key: reader.get(section, key, "batching", float, getattr(d, key))
-        for key in ("window_ms", "max_wait_ms", "min_residency_ms")
+        for key in ("window_ms", "max_wait_ms", "min_residency_ms", "burst_gap_ms")
     }
     for key, value in values.items():
         reader.positive(value, f"batching.{key}")

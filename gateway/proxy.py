@@ -21,6 +21,9 @@ _DROP_REQUEST_HEADERS = frozenset({
     "accept-encoding", "expect",
 })
 _DONE_MARKER = b"data: [DONE]"
+# Ollama reloads a model when a request asks for another context size; the gateway pins it at
+# load time (`num_ctx` in the model's config) and keeps requests from changing it.
+_OLLAMA_RELOADING_FIELDS = frozenset({"options", "num_ctx"})
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
@@ -88,8 +91,9 @@ class Proxy:
         session = self.upstreams.session(target.backend.name)
         url = f"{target.base_url}/v1/{call.endpoint}"
         try:
+            drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
             response = await session.post(
-                url, data=call.body_for(target.served_name),
+                url, data=call.body_for(target.served_name, drop),
                 headers=upstream_headers(headers, target.backend, request_id),
             )
         except (aiohttp.ClientError, TimeoutError) as exc:

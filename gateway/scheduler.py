@@ -77,6 +77,12 @@ class Slot:
     def managed(self) -> bool:
         return self.driver.manages_residency
 
+    @property
+    def has_room(self) -> bool:
+        """Below the model's own concurrency limit, if it has one."""
+        limit = self.residency.model.max_concurrent
+        return limit is None or self.in_flight < limit
+
     def view(self, now: float) -> ModelView:
         r = self.residency
         return ModelView(
@@ -148,8 +154,8 @@ class Scheduler:
         if self._closing:
             raise GatewayError(503, "The gateway is shutting down.", code="shutting_down",
                                headers={"retry-after": "5"})
-        ready = slot.residency.state is State.LOADED and slot.admitting
-        if not slot.managed or (ready and not slot.unload_requested and not slot.queue):
+        ready = (slot.residency.state is State.LOADED or not slot.managed) and slot.admitting
+        if ready and not slot.unload_requested and not slot.queue and slot.has_room:
             return self._grant(slot, now)
         self._refuse_failed(slot, now)
         self._admission(slot)
@@ -206,6 +212,7 @@ class Scheduler:
         slot.last_used = self.clock()
         if slot.in_flight == 0:
             slot.idle.set()
+        if slot.in_flight == 0 or slot.queue:
             self.wake()
 
     def _abandon(self, waiter: Waiter) -> None:
@@ -240,6 +247,9 @@ class Scheduler:
             slot.admitting = name not in plan.drain
         for name in plan.admit:
             self._admit_all(self.slots[name], now)
+        for slot in self.slots.values():
+            if not slot.managed:
+                self._admit_all(slot, now)  # always on: only its concurrency limit holds it
         expired = self._idle_expired(now)
         self._wake_at = min((t for t in (plan.wake_at, self._next_expiry(now)) if t is not None),
                             default=None)
@@ -252,7 +262,7 @@ class Scheduler:
             self._spawn(self._swap(expired, None, reason="idle ttl"))
 
     def _admit_all(self, slot: Slot, now: float) -> None:
-        while slot.queue:
+        while slot.queue and slot.has_room:
             waiter = slot.queue.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(self._grant(slot, now))

@@ -204,7 +204,7 @@ def _next_change(models: Models, config: BatchingConfig, now: float) -> float | 
         *(_deadline(m, config) for m in waiting),
         *(_oldest_since(m) + window for m in waiting),
         *(_residency_end(m, config) for m in loaded),
-        *(m.last_used + window for m in loaded),
+        *(m.last_used + _seconds(config.burst_gap_ms) for m in loaded),
         *(m.retry_at for m in waiting if m.retry_at is not None),
     ]
     return min((t for t in times if t > now), default=None)
@@ -222,8 +222,8 @@ def _residency_end(model: ModelView, config: BatchingConfig) -> float:
 
 
 def _active(model: ModelView, config: BatchingConfig, now: float) -> bool:
-    """Its burst goes on: requests in flight or queued, or a lease ended within the window."""
-    recent = now - model.last_used < _seconds(config.window_ms)
+    """Its burst goes on: requests in flight or queued, or a lease ended within the burst gap."""
+    recent = now - model.last_used < _seconds(config.burst_gap_ms)
     return model.busy or model.queued > 0 or recent
 
 

@@ -62,6 +62,10 @@ class BatchingConfig:
     window_ms: float = 8_000.0
     max_wait_ms: float = 60_000.0  # age after which a waiter overrides every other preference
     min_residency_ms: float = 20_000.0  # keep a swapped-in model this long while it has demand
+    # A model whose last request ended less than this ago still counts as busy. 0 by default:
+    # a client alternating models one request at a time (an agent's planner and coder) has no
+    # competing demand, so it should never wait for a window.
+    burst_gap_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
 NOW = 1_000.0
 SINGLE = Budget(max_models=1)
-CONFIG = BatchingConfig(window_ms=2_000, max_wait_ms=60_000, min_residency_ms=20_000)
+CONFIG = BatchingConfig(window_ms=2_000, max_wait_ms=60_000, min_residency_ms=20_000,
+                        burst_gap_ms=2_000)
+# The profile for many concurrent clients: a recent request keeps a model's burst going.
+THROUGHPUT = BatchingConfig(burst_gap_ms=BatchingConfig().window_ms)
 POLICIES = [decide, decide_fifo]
 
 
@@ -94,6 +97,12 @@ def test_a_burst_goes_on_while_requests_come_within_the_window() -> None:
     plan = plan_for(loaded("a", loaded_at=NOW - 5, last_used=NOW - 1), waiting("b"))
     assert plan.load is None
     assert plan.wake_at == pytest.approx(NOW + 1)
+
+
+def test_a_sequential_client_alternating_models_never_waits_for_a_window() -> None:
+    idle = loaded("a", loaded_at=NOW - 5, last_used=NOW - 0.01)
+    plan = decide({m.name: m for m in (idle, waiting("b"))}, SINGLE, BatchingConfig(), NOW)
+    assert plan.load == "b" and plan.evict == ("a",)
 
 
 def test_max_wait_overrides_minimum_residency() -> None:
@@ -292,7 +301,7 @@ def test_the_policy_swaps_far_less_than_fifo_on_interleaved_traffic() -> None:
     scenario = Scenario("interleaved", models, trace)
     fifo = simulate(scenario, decide_fifo, strict_order=True)
     collated = simulate(scenario, decide_fifo)
-    policy = simulate(scenario, decide)
+    policy = simulate(scenario, decide, THROUGHPUT)
     assert policy.swaps * 3 <= fifo.swaps
     assert policy.swaps < collated.swaps
     assert policy.mean_latency * 2 <= fifo.mean_latency

@@ -217,3 +217,40 @@ def test_batching_window_serves_interleaved_traffic_with_few_swaps(start_gateway
     load_decisions = [d for d in decisions if d["action"] == "load"]
     assert len(load_decisions) == loads and all(d["waiting"] >= 1 for d in load_decisions)
     assert all(d["reason"] for d in load_decisions)
+
+
+def test_per_model_concurrency_limit_queues_the_rest(start_gateway: Any,
+                                                    start_server: Any) -> None:
+    from tests.emulators import openai_server as vllm_emulator
+
+    slow = start_server(vllm_emulator.create_app(["org/m1"], tokens=20, token_delay=0.01))
+    gateway = start_gateway({
+        "backends": {"vllm": {"kind": "openai", "base_url": slow.url}},
+        "models": {"m1": {"backend": "vllm", "served_name": "org/m1", "max_concurrent": 2}},
+    })
+    state = emulator(slow)
+    peak = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(state.in_flight)
+            stop.wait(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with httpx.Client(base_url=gateway.url, timeout=30) as http, ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: http.post("/v1/chat/completions",
+                                                     json=ask("m1", f"q{i}")), range(6)))
+    stop.set()
+    watcher.join()
+    assert [r.status_code for r in results] == [200] * 6
+    assert max(peak) == 2
+
+
+def test_requests_cannot_change_ollamas_context_size(start_gateway: Any, ollama: Any) -> None:
+    gateway = start_gateway(three_models(ollama.url))
+    body = ask("a") | {"options": {"num_ctx": 65536}, "num_ctx": 65536}
+    assert httpx.post(gateway.url + "/v1/chat/completions", json=body).status_code == 200
+    upstream = emulator(ollama).last_request
+    assert "options" not in upstream and "num_ctx" not in upstream
