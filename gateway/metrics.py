@@ -1,4 +1,4 @@
-"""Prometheus metrics, read from the scheduler's live state at scrape time."""
+"""Prometheus metrics, read from the scheduler's and the cache's live state at scrape time."""
 
 from __future__ import annotations
 
@@ -8,15 +8,34 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from gateway.scheduler import Scheduler
+from gateway.services import Services
 from policies.types import State
 
 
-class SchedulerCollector:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
+class GatewayCollector:
+    def __init__(self, services: Services) -> None:
+        self.scheduler = services.scheduler
+        self.cache = services.cache
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._models()
+        yield from self._cache()
+
+    def _cache(self) -> Iterator[Metric]:
+        outcomes = CounterMetricFamily("swapper_cache_requests", "Cacheable-route answers by "
+                                       "cache outcome", labels=["result"])
+        for result in ("HIT", "MISS", "BYPASS"):
+            outcomes.add_metric([result.lower()], self.cache.outcomes[result])
+        stats = self.cache.store.stats
+        written = CounterMetricFamily("swapper_cache_written_bytes", "Bytes stored in the cache")
+        written.add_metric([], stats.bytes_written)
+        errors = CounterMetricFamily("swapper_cache_errors", "Cache store operations that failed")
+        errors.add_metric([], stats.errors)
+        healthy = GaugeMetricFamily("swapper_cache_up", "1 while the cache store answers")
+        healthy.add_metric([], 1.0 if self.cache.store.healthy else 0.0)
+        yield from (outcomes, written, errors, healthy)
+
+    def _models(self) -> Iterator[Metric]:
         now = self.scheduler.clock()
         active = GaugeMetricFamily("swapper_active_model", "1 if the model is loaded",
                                    labels=["model"])
@@ -48,9 +67,9 @@ class SchedulerCollector:
         yield from (active, uptime, requests, loads, last_load, queue, in_flight, state)
 
 
-def registry_for(scheduler: Scheduler) -> CollectorRegistry:
+def registry_for(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(SchedulerCollector(scheduler))  # type: ignore[arg-type]
+    registry.register(GatewayCollector(services))  # type: ignore[arg-type]
     return registry
 
 

@@ -7,6 +7,7 @@ completion is one record, replayed as JSON or as an OpenAI stream, whichever the
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class ResponseCache:
             config.redis_url, config.max_memory_bytes, max_entry_bytes=config.max_entry_bytes
         )
         self._writes: set[asyncio.Task[None]] = set()
+        self.outcomes: Counter[str] = Counter()  # HIT / MISS / BYPASS, as told to clients
 
     def ticket(self, call: ApiCall, model: ModelConfig, headers: Mapping[str, str],
                tenant: str | None) -> CacheTicket:
@@ -54,6 +56,8 @@ class ResponseCache:
             model_enabled=self.config.enabled and model.cache_enabled,
             default_ttl_s=self.config.ttl_s,
         )
+        if decision.bypass:
+            self.outcomes["BYPASS"] += 1
         key = "" if decision.bypass else cache_key(
             model=model.name, endpoint=call.endpoint, body=call.body,
             tenant=None if model.cache_shared else tenant, namespace=self.config.namespace,
@@ -61,10 +65,13 @@ class ResponseCache:
         return CacheTicket(decision, key)
 
     async def lookup(self, ticket: CacheTicket) -> Record | None:
-        if not ticket.decision.read:
-            return None
-        value = await self.store.get(ticket.key)
-        return loads_record(value) if value is not None else None
+        record = None
+        if ticket.decision.read:
+            value = await self.store.get(ticket.key)
+            record = loads_record(value) if value is not None else None
+        if not ticket.decision.bypass:
+            self.outcomes["HIT" if record is not None else "MISS"] += 1
+        return record
 
     def replay(self, call: ApiCall, record: Record) -> bytes | Iterator[bytes]:
         """The stored answer as the client asked for it: JSON bytes or SSE events."""

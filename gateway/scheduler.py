@@ -96,15 +96,17 @@ class Slot:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decision:
     """One line of the decision log shown in /status."""
 
     at: float  # wall clock
     action: str  # "load" or "unload"
     model: str
-    waiting: int
+    waiting: int  # requests queued for it when it was chosen
     reason: str
+    requests_before: int = 0  # the model's request count when it was chosen
+    served: int | None = None  # requests served by this residency, once it ended
 
 
 def swap_timeout(model: str, seconds: float) -> GatewayError:
@@ -287,8 +289,8 @@ class Scheduler:
         for name in plan.evict:
             self.decisions.append(Decision(wall, "unload", name, 0, plan.reason))
         if plan.load:
-            self.decisions.append(
-                Decision(wall, "load", plan.load, views[plan.load].queued, plan.reason))
+            self.decisions.append(Decision(wall, "load", plan.load, views[plan.load].queued,
+                                           plan.reason, self.slots[plan.load].request_count))
         log.info("scheduler.plan", load=plan.load, evict=plan.evict, drain=plan.drain,
                  reason=plan.reason)
 
@@ -341,7 +343,21 @@ class Scheduler:
             # The memory may still be held; reconciling with the backend's truth will tell.
             log.warning("model.unload_failed", model=r.model.name, error=str(exc))
         r.unloaded(self.clock(), time.time())
+        self._close_residency(slot)
         log.info("model.unloaded", model=r.model.name)
+
+    def served(self, decision: Decision) -> int:
+        """Requests the residency a load decision began has served (so far, if still on)."""
+        if decision.served is not None:
+            return decision.served
+        return self.slots[decision.model].request_count - decision.requests_before
+
+    def _close_residency(self, slot: Slot) -> None:
+        for decision in reversed(self.decisions):
+            if decision.model == slot.model.name and decision.action == "load":
+                if decision.served is None:
+                    decision.served = self.served(decision)
+                return
 
     def _fail_queue(self, slot: Slot, error: GatewayError) -> None:
         while slot.queue:

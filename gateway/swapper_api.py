@@ -29,7 +29,7 @@ def _iso(wall: float | None) -> str | None:
 class SwapperApi:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.registry = registry_for(services.scheduler)
+        self.registry = registry_for(services)
 
     def routes(self) -> list[Route]:
         return [
@@ -88,12 +88,25 @@ class SwapperApi:
             "resident_gb": sum(s.model.size_gb for s in self._slots.values()
                                if s.managed and s.residency.state is State.LOADED),
             "models": {name: self._model_status(slot) for name, slot in self._slots.items()},
+            "cache": self._cache_status(),
             "decisions": [
                 {"at": _iso(d.at), "action": d.action, "model": d.model,
-                 "waiting": d.waiting, "reason": d.reason}
+                 "waiting": d.waiting, "reason": d.reason,
+                 "served": scheduler.served(d) if d.action == "load" else None}
                 for d in reversed(scheduler.decisions)
             ],
         })
+
+    def _cache_status(self) -> dict[str, Any]:
+        cache = self.services.cache
+        stats = cache.store.stats
+        return {
+            "backend": "redis" if cache.config.redis_url else "memory",
+            "healthy": cache.store.healthy,
+            "hits": cache.outcomes["HIT"], "misses": cache.outcomes["MISS"],
+            "bypasses": cache.outcomes["BYPASS"], "bytes_written": stats.bytes_written,
+            "errors": stats.errors,
+        }
 
     def _model_status(self, slot: Slot) -> dict[str, Any]:
         r = slot.residency

@@ -7,6 +7,7 @@ every value that came from config or a backend is escaped before it reaches the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from html import escape
@@ -16,7 +17,6 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.cache_store import CacheStats
 from gateway.scheduler import Decision, Slot
 from gateway.services import Services
 from policies.types import State
@@ -101,7 +101,7 @@ def _summary(services: Services, slots: Sequence[Slot]) -> str:
         "Queued": str(sum(len(s.queue) for s in slots)),
         "In flight": str(sum(s.in_flight for s in slots)),
         "Requests": str(sum(s.request_count for s in slots)),
-        "Cache hit rate": _hit_rate(services.cache.store.stats),
+        "Cache hit rate": _hit_rate(services.cache.outcomes),
         "Cache": _cache_kind(services),
     }
     return '<div class="cards">' + "".join(
@@ -110,9 +110,9 @@ def _summary(services: Services, slots: Sequence[Slot]) -> str:
     ) + "</div>"
 
 
-def _hit_rate(stats: CacheStats) -> str:
-    lookups = stats.hits + stats.misses
-    return f"{100 * stats.hits / lookups:.0f}% of {lookups}" if lookups else _BLANK
+def _hit_rate(outcomes: Counter[str]) -> str:
+    lookups = outcomes["HIT"] + outcomes["MISS"]
+    return f"{100 * outcomes['HIT'] / lookups:.0f}% of {lookups}" if lookups else _BLANK
 
 
 def _cache_kind(services: Services) -> str:

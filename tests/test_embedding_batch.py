@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.embedding_batch import apportion
 from tests.emulators import openai_server as vllm_emulator
+from tests.servers import wait_until
 
 INPUTS: list[Any] = ["alpha", ["bravo", "charlie"], "delta echo", ["foxtrot"], "golf", "hotel"]
 
@@ -83,3 +84,31 @@ def test_apportion_adds_up_and_follows_the_weights(total: int, weights: list[int
     whole = sum(weights)
     if whole:
         assert all(abs(s - total * w / whole) < 1 for s, w in zip(shares, weights, strict=True))
+
+
+def test_a_client_leaving_a_batch_does_not_disturb_the_others(start_gateway: Any,
+                                                             embedder: Any) -> None:
+    gateway = start_gateway({
+        "batching": {"embeddings_window_ms": 300},
+        "cache": {"enabled": False},
+        "backends": {"vllm": {"kind": "openai", "base_url": embedder.url}},
+        "models": {"emb": {"backend": "vllm", "served_name": "org/embed"}},
+    })
+    services = gateway.app.state.services
+
+    def open_batch() -> bool:
+        return bool(services.embeddings._open)
+
+    with ThreadPoolExecutor(2) as pool:
+        stays = pool.submit(httpx.post, gateway.url + "/v1/embeddings",
+                            json={"model": "emb", "input": ["stay", "here"]}, timeout=30)
+        wait_until(open_batch, message="a batch is gathering")
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up inside the window
+            httpx.post(gateway.url + "/v1/embeddings", json={"model": "emb", "input": "gone"},
+                       timeout=0.05)
+        answer = stays.result()
+    assert answer.status_code == 200
+    vectors = [item["embedding"] for item in answer.json()["data"]]
+    expected = [vllm_emulator.embedding_vector("org/embed", t) for t in ("stay", "here")]
+    assert all(v == pytest.approx(e) for v, e in zip(vectors, expected, strict=True))
+    assert emulator(embedder).paths["/v1/embeddings"] == 1

@@ -217,6 +217,7 @@ def test_batching_window_serves_interleaved_traffic_with_few_swaps(start_gateway
     load_decisions = [d for d in decisions if d["action"] == "load"]
     assert len(load_decisions) == loads and all(d["waiting"] >= 1 for d in load_decisions)
     assert all(d["reason"] for d in load_decisions)
+    assert sum(d["served"] for d in load_decisions) == len(trace)  # every request, once
 
 
 def test_per_model_concurrency_limit_queues_the_rest(start_gateway: Any,
