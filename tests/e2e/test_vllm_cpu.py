@@ -40,7 +40,7 @@ def write_tiny_hf_llama(directory: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from gateway.tinymodels import CHATML  # gguf comes with vLLM
+    from gateway.tinymodels import CHATML  # the `demo` extra
 
     specials = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
     vocab = {piece: i for i, piece in
