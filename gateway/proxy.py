@@ -90,14 +90,20 @@ class Proxy:
         """Send the call; a non-2xx answer is read and raised as a GatewayError."""
         session = self.upstreams.session(target.backend.name)
         url = f"{target.base_url}/v1/{call.endpoint}"
-        try:
-            drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
-            response = await session.post(
-                url, data=call.body_for(target.served_name, drop),
-                headers=upstream_headers(headers, target.backend, request_id),
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise backend_failure(target.backend, exc) from exc
+        drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
+        body = call.body_for(target.served_name, drop)
+        sent_headers = upstream_headers(headers, target.backend, request_id)
+        for attempt in (1, 2):
+            try:
+                response = await session.post(url, data=body, headers=sent_headers)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled connection the backend had closed fails before any answer: once,
+                # the same request goes again on a fresh connection.
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise backend_failure(target.backend, exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise backend_failure(target.backend, exc) from exc
         if response.status >= 400:
             try:
                 body = await response.content.read(_ERROR_BODY_LIMIT)

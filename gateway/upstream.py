@@ -30,7 +30,9 @@ class Upstreams:
         if session is None or session.closed:
             config = self._backends[backend]
             connector = aiohttp.TCPConnector(
-                limit=config.max_connections, limit_per_host=0, keepalive_timeout=30,
+                # Idle connections are dropped before the backend drops them: uvicorn-based
+                # servers (vLLM, SGLang) close idle keep-alive connections after 5 s.
+                limit=config.max_connections, limit_per_host=0, keepalive_timeout=4,
                 enable_cleanup_closed=True,
             )
             session = aiohttp.ClientSession(
