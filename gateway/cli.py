@@ -1,4 +1,4 @@
-"""`swapper-gateway serve | check-config`."""
+"""`swapper-gateway serve | check-config | demo`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.demo import DEMO_DIR, run_demo
 from gateway.discovery import discover_ollama_models
 from gateway.logs import configure_logging
 
@@ -60,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", help="config file (default as for serve)")
     check.set_defaults(func=check_config)
+    demo = commands.add_parser("demo", help="serve tiny llama.cpp models to see swaps happen")
+    demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8890, help="port (default 8890)")
+    demo.add_argument("--dir", default=str(DEMO_DIR),
+                      help=f"where the models and config are written (default {DEMO_DIR})")
+    demo.set_defaults(func=run_demo)
     return root
 
 

@@ -18,7 +18,7 @@ from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget
 
 DEFAULT_PORT = 8890
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
-BACKEND_KINDS = ("ollama", "openai", "process", "vllm-sleep")
+BACKEND_KINDS = ("ollama", "openai", "process", "vllm-sleep", "llama-router")
 OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
 _DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings")
 _MODES = ("single-active", "multi-active")

@@ -11,6 +11,7 @@ from gateway.upstream import Upstreams
 
 def create_driver(backend: BackendConfig, models: Sequence[ModelConfig],
                   upstreams: Upstreams) -> Driver:
+    from gateway.drivers.llama_router import LlamaRouterDriver
     from gateway.drivers.ollama import OllamaDriver
     from gateway.drivers.static import StaticDriver
     from gateway.drivers.vllm_sleep import VllmSleepDriver
@@ -19,5 +20,6 @@ def create_driver(backend: BackendConfig, models: Sequence[ModelConfig],
         from gateway.drivers.process import ProcessDriver
 
         return ProcessDriver(backend, models)
-    kinds = {"ollama": OllamaDriver, "openai": StaticDriver, "vllm-sleep": VllmSleepDriver}
+    kinds = {"ollama": OllamaDriver, "openai": StaticDriver, "vllm-sleep": VllmSleepDriver,
+             "llama-router": LlamaRouterDriver}
     return kinds[backend.kind](backend, models, upstreams)

@@ -29,7 +29,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _FIELDS = ("path", "port", "name", "served_name", "host")
 _TAIL_LINES = 50  # output lines kept for error messages
 _MAX_LINE = 1000  # characters of one output line kept and logged
-_POLL_FIRST, _POLL_MAX = 0.05, 0.5  # seconds between health probes: quick at first, then relaxed
+_POLL_FIRST, _POLL_MAX = 0.005, 0.5  # seconds between health probes: quick at first, then relaxed
 _PROBE_TIMEOUT = 5.0  # one health probe; a server busy loading may hold the connection
 _DRAIN_TIMEOUT = 1.0  # reading what a dead process left in its pipe before reporting
 
