@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -86,3 +87,12 @@ def wait_until(predicate: Any, timeout: float = 10.0, message: str = "condition"
                 raise AssertionError(f"timed out after {timeout} s waiting for {message}")
     finally:
         timer.cancel()
+
+
+def reaped(pid: int) -> bool:
+    """The process is gone entirely: not running and not a zombie waiting for its parent."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

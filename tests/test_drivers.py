@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import reaped, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +70,7 @@ def test_process_models_swap_and_recover_from_a_crash(start_gateway: Any) -> Non
     # Swapping to b stops a's process.
     assert httpx.post(gateway.url + "/v1/chat/completions", json=ask("tiny-b"),
                       timeout=30).status_code == 200
-    wait_until(lambda: not _alive(pid_a), message="tiny-a process gone")
+    wait_until(lambda: reaped(pid_a), message="tiny-a process gone")
     # b crashes while loaded: the gateway notices, marks it failed, and reloads on demand.
     pid_b = driver._processes["tiny-b"].pid
     os.kill(pid_b, signal.SIGKILL)
@@ -82,9 +82,3 @@ def test_process_models_swap_and_recover_from_a_crash(start_gateway: Any) -> Non
     assert driver._processes["tiny-b"].pid != pid_b
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

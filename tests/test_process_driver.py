@@ -4,7 +4,6 @@ server misbehaves, the OpenAI emulator for the everyday case."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shlex
 import socket
 import sys
@@ -23,6 +22,7 @@ from gateway.config import BackendConfig, ModelConfig
 from gateway.drivers import process
 from gateway.drivers.base import DriverError
 from gateway.drivers.process import ProcessDriver
+from tests.servers import reaped
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).parent / "fixtures" / "tiny_server.py"
@@ -65,15 +65,6 @@ def port_of(url: str) -> int:
 def port_closed(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def reaped(pid: int) -> bool:
-    """Gone entirely: not running and not a zombie waiting for its parent."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def dead(pid: int) -> bool:

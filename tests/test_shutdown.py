@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,17 +12,11 @@ import httpx
 import yaml
 
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, reaped, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_sigterm_lets_streams_finish_and_stops_owned_processes(start_server: Any,
@@ -61,7 +54,7 @@ def test_sigterm_lets_streams_finish_and_stops_owned_processes(start_server: Any
             received.extend(chunks)
         assert b"".join(received).endswith(b"data: [DONE]\n\n")  # the stream was not cut
         gateway.wait(30)
-        assert not any(_alive(pid) for pid in child)
+        assert all(reaped(pid) for pid in child)
     finally:
         if gateway.poll() is None:
             gateway.kill()

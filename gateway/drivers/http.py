@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import orjson
 
-from gateway.drivers.base import DriverError
+from gateway.config import BackendConfig, ModelConfig
+from gateway.drivers.base import DriverError, LostCallback
+from gateway.upstream import Upstreams
 
 
 async def call(session: aiohttp.ClientSession, method: str, url: str, *,
@@ -37,3 +40,31 @@ async def answers(session: aiohttp.ClientSession, url: str, limit_s: float = 5.0
     except DriverError:
         return False
     return True
+
+
+class HttpDriver:
+    """What every driver of a long-running HTTP backend shares: one base URL for all its
+    models, the backend's pooled session, and nothing to start or stop."""
+
+    manages_residency = True
+
+    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
+                 upstreams: Upstreams) -> None:
+        assert backend.base_url is not None
+        self.backend = backend
+        self.base_url = backend.base_url
+        self.upstreams = upstreams
+        self.models = list(models)
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        return self.upstreams.session(self.backend.name)
+
+    async def start(self, on_lost: LostCallback) -> None:
+        pass  # a model that vanishes is found by reconciling with the backend's truth
+
+    def url_for(self, model: ModelConfig) -> str:
+        return self.base_url
+
+    async def close(self) -> None:
+        pass

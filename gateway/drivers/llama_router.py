@@ -10,11 +10,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiohttp
-
 from gateway.config import BackendConfig, ModelConfig
-from gateway.drivers.base import DriverError, LostCallback
-from gateway.drivers.http import answers, call
+from gateway.drivers.base import DriverError
+from gateway.drivers.http import HttpDriver, answers, call
 from gateway.upstream import Upstreams
 
 # A sleeping child is still resident: the router wakes it on the next request.
@@ -27,23 +25,11 @@ _UNLOAD_SLACK_S = 5.0
 Status = dict[str, Any]
 
 
-class LlamaRouterDriver:
-    manages_residency = True
-
+class LlamaRouterDriver(HttpDriver):
     def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
                  upstreams: Upstreams) -> None:
-        assert backend.base_url is not None
-        self.backend = backend
-        self.base_url = backend.base_url
-        self.upstreams = upstreams
+        super().__init__(backend, models, upstreams)
         self._by_id = {model.served_name: model.name for model in models}
-
-    @property
-    def _session(self) -> aiohttp.ClientSession:
-        return self.upstreams.session(self.backend.name)
-
-    async def start(self, on_lost: LostCallback) -> None:
-        pass  # a child that dies is found by reconciling with /models
 
     async def load(self, model: ModelConfig) -> None:
         await self._request("load", model, unless=_STARTED)
@@ -64,14 +50,8 @@ class LlamaRouterDriver:
         return {self._by_id[served] for served, status in statuses.items()
                 if served in self._by_id and status.get("value") in _RESIDENT}
 
-    def url_for(self, model: ModelConfig) -> str:
-        return self.base_url
-
     async def health(self) -> bool:
         return await answers(self._session, f"{self.base_url}/health")
-
-    async def close(self) -> None:
-        pass
 
     async def _request(self, action: str, model: ModelConfig, unless: frozenset[str]) -> None:
         """POST /models/{action}; the router refuses a load of a running model and an unload of

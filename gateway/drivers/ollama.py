@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
-
 from gateway.config import BackendConfig, ModelConfig
-from gateway.drivers.base import DriverError, LostCallback
-from gateway.drivers.http import answers, call
+from gateway.drivers.base import DriverError
+from gateway.drivers.http import HttpDriver, answers, call
 from gateway.upstream import Upstreams
 
 
@@ -19,23 +17,11 @@ def canonical(name: str) -> str:
     return name if ":" in name else f"{name}:latest"
 
 
-class OllamaDriver:
-    manages_residency = True
-
+class OllamaDriver(HttpDriver):
     def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
                  upstreams: Upstreams) -> None:
-        assert backend.base_url is not None
-        self.backend = backend
-        self.base_url = backend.base_url
-        self.upstreams = upstreams
+        super().__init__(backend, models, upstreams)
         self._by_served = {canonical(model.served_name): model.name for model in models}
-
-    @property
-    def _session(self) -> aiohttp.ClientSession:
-        return self.upstreams.session(self.backend.name)
-
-    async def start(self, on_lost: LostCallback) -> None:
-        pass  # losses are found by reconciling with /api/ps
 
     async def load(self, model: ModelConfig) -> None:
         # The gateway decides when to unload, so Ollama is asked to keep the model forever.
@@ -57,11 +43,5 @@ class OllamaDriver:
         names = (entry.get("name") or entry.get("model") for entry in answer["models"])
         return {self._by_served[canonical(n)] for n in names if canonical(n) in self._by_served}
 
-    def url_for(self, model: ModelConfig) -> str:
-        return self.base_url
-
     async def health(self) -> bool:
         return await answers(self._session, f"{self.base_url}/api/version")
-
-    async def close(self) -> None:
-        pass

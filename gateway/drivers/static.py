@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from gateway.config import BackendConfig, ModelConfig
-from gateway.drivers.base import LostCallback
-from gateway.drivers.http import answers
-from gateway.upstream import Upstreams
+from gateway.config import ModelConfig
+from gateway.drivers.http import HttpDriver, answers
 
 
-class StaticDriver:
+class StaticDriver(HttpDriver):
     manages_residency = False
-
-    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
-                 upstreams: Upstreams) -> None:
-        assert backend.base_url is not None
-        self.backend = backend
-        self.base_url = backend.base_url
-        self.upstreams = upstreams
-
-    async def start(self, on_lost: LostCallback) -> None:
-        pass
 
     async def load(self, model: ModelConfig) -> None:
         pass
@@ -32,12 +18,5 @@ class StaticDriver:
     async def resident(self) -> set[str] | None:
         return None
 
-    def url_for(self, model: ModelConfig) -> str:
-        return self.base_url
-
     async def health(self) -> bool:
-        session = self.upstreams.session(self.backend.name)
-        return await answers(session, f"{self.base_url}/v1/models")
-
-    async def close(self) -> None:
-        pass
+        return await answers(self._session, f"{self.base_url}/v1/models")
