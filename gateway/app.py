@@ -9,7 +9,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.admin_api import AdminApi
@@ -19,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.logs import AccessLog
 from gateway.openai_api import OpenAIApi
 from gateway.relay import ClientGone
+from gateway.request_limits import HeaderLimit
 from gateway.services import Services
 from gateway.swapper_api import SwapperApi
 from gateway.ui import ui_routes
@@ -71,11 +72,16 @@ def create_app(config: GatewayConfig, services: Services | None = None) -> Starl
     app = Starlette(
         routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
                 *AdminApi(services).routes(), *ui_routes(services)],
-        middleware=[Middleware(AccessLog), Middleware(AuthMiddleware, keys=KeyRing(config.auth))],
+        middleware=[
+            Middleware(AccessLog),
+            Middleware(HeaderLimit, max_bytes=config.server.max_header_bytes),
+            Middleware(AuthMiddleware, keys=KeyRing(config.auth)),
+        ],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
             ClientGone: _client_gone,
+            ClientDisconnect: _client_gone,
             Exception: _unexpected,
         },
         lifespan=lifespan,

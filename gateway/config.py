@@ -97,6 +97,8 @@ class ServerConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 30.0
     heartbeat_s: float = 5.0  # SSE `: loading` comments while a streaming request waits
+    body_timeout_s: float = 30.0  # a request body not received within this is refused (408)
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -367,9 +369,15 @@ def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
             section, "shutdown_grace_s", "server", float, d.shutdown_grace_s
         ),
         heartbeat_s=reader.get(section, "heartbeat_s", "server", float, d.heartbeat_s),
+        body_timeout_s=reader.get(section, "body_timeout_s", "server", float, d.body_timeout_s),
+        max_header_bytes=reader.get(
+            section, "max_header_bytes", "server", int, d.max_header_bytes
+        ),
     )
     reader.positive(config.max_body_bytes, "server.max_body_bytes", allow_zero=False)
     reader.positive(config.heartbeat_s, "server.heartbeat_s", allow_zero=False)
+    reader.positive(config.body_timeout_s, "server.body_timeout_s", allow_zero=False)
+    reader.positive(config.max_header_bytes, "server.max_header_bytes", allow_zero=False)
     return config
 
 

@@ -22,6 +22,10 @@ _TYPES = {
 }
 
 
+OPENAI_ERROR_TYPES = frozenset({*_TYPES.values(), "server_error", "api_error", "not_found_error",
+                                "invalid_request_error", "insufficient_quota"})
+
+
 def error_type_for(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 

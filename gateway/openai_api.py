@@ -23,6 +23,7 @@ from gateway.calls import ApiCall, parse_call, too_large
 from gateway.coalescing import Leadership
 from gateway.config import ModelConfig
 from gateway.errors import GatewayError, model_not_found
+from gateway.proxy import check_stream_answer
 from gateway.relay import SSE_HEADERS, RelayResponse, until_disconnect
 from gateway.replay import Record
 from gateway.response_cache import CacheTicket
@@ -33,17 +34,22 @@ from gateway.usage import UsageScanner, usage_tokens
 _STARTED = int(time.time())
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(408, f"The request body did not arrive within {timeout_s:g} s.",
+                           code="request_timeout") from None
     return b"".join(chunks)
 
 
@@ -124,7 +130,8 @@ class OpenAIApi:
 
     async def prepare(self, request: Request, endpoint: str) -> Exchange:
         services = self.services
-        raw = await read_body(request, services.config.server.max_body_bytes)
+        server = services.config.server
+        raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
         call = parse_call(endpoint, raw)
         model = services.catalog.resolve(call.model)
         backend = services.catalog.backend_of(model)
@@ -173,15 +180,21 @@ class OpenAIApi:
             exchange.request.scope["state"]["usage_tokens"] = usage_tokens(body)
         return json_response(body, headers={"x-cache": exchange.ticket.header})
 
-    async def stream(self, exchange: Exchange) -> RelayResponse:
+    async def stream(self, exchange: Exchange) -> Response | RelayResponse:
         ticket = self.services.scheduler.request(exchange.model)
         headers = {**SSE_HEADERS, "x-cache": exchange.ticket.header}
         if isinstance(ticket, Waiter):
             # Answer at once and keep the client company while the model loads.
             return RelayResponse(self.stream_after_wait(exchange, ticket), headers=headers)
+        proxy, call, target = self.services.proxy, exchange.call, ticket.target
         try:
-            response = await until_disconnect(exchange.request.receive, self.services.proxy.open(
-                exchange.call, ticket.target, exchange.request.headers, exchange.request_id))
+            response = await until_disconnect(exchange.request.receive, proxy.open(
+                call, target, exchange.request.headers, exchange.request_id))
+            check_stream_answer(target.backend, response)
+            if response.content_type == "application/json":  # a backend that does not stream
+                body = await proxy.read_json(response, target, proxy.renamer(call, target))
+                ticket.release()
+                return json_response(body, headers={"x-cache": exchange.ticket.header})
         except BaseException:
             ticket.release()
             raise
@@ -233,6 +246,7 @@ class OpenAIApi:
         try:
             response = await proxy.open(exchange.call, lease.target, exchange.request.headers,
                                         exchange.request_id)
+            check_stream_answer(lease.target.backend, response)
         except BaseException as exc:
             lease.release()
             exchange.settle(None)

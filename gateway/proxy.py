@@ -10,7 +10,7 @@ import orjson
 
 from gateway.calls import ApiCall
 from gateway.config import BackendConfig
-from gateway.errors import GatewayError
+from gateway.errors import OPENAI_ERROR_TYPES, GatewayError
 from gateway.relay import ModelRenamer
 from gateway.upstream import Upstreams
 
@@ -68,11 +68,28 @@ def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> Gate
         data = None
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return GatewayError(status, error["message"], code=error.get("code"),
-                            param=error.get("param"), type=error.get("type"))
+        # vLLM says type "BadRequestError" and code 400: keep to OpenAI's vocabulary.
+        kind = error.get("type")
+        code = error.get("code")
+        param = error.get("param")
+        return GatewayError(
+            status, error["message"], code=code if isinstance(code, str) else None,
+            param=param if isinstance(param, str) else None,
+            type=kind if kind in OPENAI_ERROR_TYPES else None,
+        )
     text = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()
     message = f"Backend '{backend.name}' answered {status}: {text[:2000] or '(empty body)'}"
     return GatewayError(status, message, code="backend_error")
+
+
+def check_stream_answer(backend: BackendConfig, response: aiohttp.ClientResponse) -> None:
+    """A stream request's answer is SSE, or JSON from a backend that does not stream; anything
+    else (an HTML error page from a proxy in between, say) is not relayed."""
+    kind = response.content_type
+    if kind not in ("text/event-stream", "application/json"):
+        response.close()
+        raise GatewayError(502, f"Backend '{backend.name}' answered a stream request with "
+                                f"'{kind}'.", code="backend_invalid_response")
 
 
 class Proxy:

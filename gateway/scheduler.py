@@ -141,6 +141,7 @@ class Scheduler:
         self._swap_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._swapping = False
+        self._evicting: set[str] = set()  # victims of the running swap: they admit nothing
         self._closing = False
         for slot in self.slots.values():
             slot.idle.set()
@@ -201,12 +202,19 @@ class Scheduler:
             )
 
     def _grant(self, slot: Slot, now: float) -> Lease:
+        try:
+            url = slot.driver.url_for(slot.model)
+        except DriverError as exc:
+            # Its process died a moment ago and the driver knows before the scheduler does.
+            self.model_lost(slot.model.name, str(exc))
+            raise GatewayError(503, f"Model '{slot.model.name}' is not available: {exc}",
+                               code="model_unavailable",
+                               headers={"retry-after": "1", "x-should-retry": "true"}) from exc
         slot.in_flight += 1
         slot.request_count += 1
         slot.last_used = now
         slot.idle.clear()
-        target = Target(self.drivers[slot.model.backend].backend,
-                        slot.driver.url_for(slot.model), slot.model.served_name)
+        target = Target(self.drivers[slot.model.backend].backend, url, slot.model.served_name)
         return Lease(target, lambda: self._release(slot))
 
     def _release(self, slot: Slot) -> None:
@@ -246,7 +254,7 @@ class Scheduler:
         views = {name: slot.view(now) for name, slot in managed.items()}
         plan = decide(views, self.budget, self.config.batching, now)
         for name, slot in managed.items():
-            slot.admitting = name not in plan.drain
+            slot.admitting = name not in plan.drain and name not in self._evicting
         for name in plan.admit:
             self._admit_all(self.slots[name], now)
         for slot in self.slots.values():
@@ -259,15 +267,28 @@ class Scheduler:
             return
         if plan.evict or plan.load:
             self._record(plan, views)
+            self._begin_swap(plan.evict)
             self._spawn(self._swap(plan.evict, plan.load))
         elif expired:
+            self._begin_swap(expired)
             self._spawn(self._swap(expired, None, reason="idle ttl"))
+
+    def _begin_swap(self, victims: tuple[str, ...]) -> None:
+        """From the decision on, victims admit nothing, so none is busy when its turn comes."""
+        self._swapping = True
+        self._evicting.update(victims)
+        for name in victims:
+            self.slots[name].admitting = False
 
     def _admit_all(self, slot: Slot, now: float) -> None:
         while slot.queue and slot.has_room:
             waiter = slot.queue.popleft()
-            if not waiter.future.done():
+            if waiter.future.done():
+                continue
+            try:
                 waiter.future.set_result(self._grant(slot, now))
+            except GatewayError as error:
+                waiter.future.set_exception(error)
 
     def _idle_expired(self, now: float) -> tuple[str, ...]:
         return tuple(
@@ -302,15 +323,18 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _swap(self, evict: tuple[str, ...], load: str | None, reason: str = "") -> None:
-        self._swapping = True
         try:
             async with self._swap_lock:
                 for name in evict:
                     await self._unload(self.slots[name], reason)
-                if load is not None:
+                still_resident = [n for n in evict if self.slots[n].residency.state is State.LOADED]
+                if load is not None and not still_resident:
                     await self._load(self.slots[load])
+                elif load is not None:
+                    log.info("scheduler.swap_deferred", load=load, busy=still_resident)
         finally:
             self._swapping = False
+            self._evicting.difference_update(evict)
             self.wake()
 
     async def _load(self, slot: Slot) -> None:
@@ -339,7 +363,7 @@ class Scheduler:
         log.info("model.unloading", model=r.model.name, reason=reason or None)
         try:
             await slot.driver.unload(r.model)
-        except DriverError as exc:
+        except (DriverError, TimeoutError) as exc:
             # The memory may still be held; reconciling with the backend's truth will tell.
             log.warning("model.unload_failed", model=r.model.name, error=str(exc))
         r.unloaded(self.clock(), time.time())

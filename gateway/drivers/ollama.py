@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,9 @@ from gateway.config import BackendConfig, ModelConfig
 from gateway.drivers.base import DriverError
 from gateway.drivers.http import HttpDriver, answers, call
 from gateway.upstream import Upstreams
+
+_POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.5
+_UNLOAD_SLACK_S = 20.0  # beyond stop_grace: a generation in flight ends at its next token
 
 
 def canonical(name: str) -> str:
@@ -35,6 +39,13 @@ class OllamaDriver(HttpDriver):
     async def unload(self, model: ModelConfig) -> None:
         body = {"model": model.served_name, "keep_alive": 0}
         await call(self._session, "POST", f"{self.base_url}/api/generate", json=body)
+        # Ollama defers an unload while the model still serves a request (one whose client
+        # left, say): the memory is free only once /api/ps no longer lists it.
+        delay = _POLL_FIRST_S
+        async with asyncio.timeout(self.backend.stop_grace + _UNLOAD_SLACK_S):
+            while model.name in (await self.resident() or ()):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX_S)
 
     async def resident(self) -> set[str] | None:
         answer = await call(self._session, "GET", f"{self.base_url}/api/ps", limit_s=10)
