@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,12 +16,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.admin_api import AdminApi
-from gateway.auth import AuthMiddleware, KeyRing
-from gateway.config import GatewayConfig
+from gateway.auth import AuthMiddleware
+from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import GatewayError
 from gateway.logs import AccessLog
 from gateway.openai_api import OpenAIApi
 from gateway.relay import ClientGone
+from gateway.reload import Loader
 from gateway.request_limits import HeaderLimit
 from gateway.services import Services
 from gateway.swapper_api import SwapperApi
@@ -54,12 +58,28 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                         code="internal_error").response()
 
 
-def create_app(config: GatewayConfig, services: Services | None = None) -> Starlette:
-    services = services or Services(config)
+def _reload_on_sighup(services: Services) -> None:
+    """SIGHUP re-reads the config, as daemons do (only where signals can be handled here)."""
+
+    async def reload() -> None:
+        try:
+            await services.reload()
+        except ConfigError as exc:
+            log.error("config.reload_refused", error=str(exc))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: services.spawn(reload()))
+
+
+def create_app(config: GatewayConfig, services: Services | None = None,
+               loader: Loader | None = None) -> Starlette:
+    services = services or Services(config, loader)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.start()
+        _reload_on_sighup(services)
         log.info("gateway.started", config=config.source, models=len(config.models))
         if config.auth.open:
             log.warning("auth.open", message="no API keys configured: every client is let in")
@@ -74,8 +94,8 @@ def create_app(config: GatewayConfig, services: Services | None = None) -> Starl
                 *AdminApi(services).routes(), *ui_routes(services)],
         middleware=[
             Middleware(AccessLog),
-            Middleware(HeaderLimit, max_bytes=config.server.max_header_bytes),
-            Middleware(AuthMiddleware, keys=KeyRing(config.auth)),
+            Middleware(HeaderLimit, max_bytes=lambda: services.config.server.max_header_bytes),
+            Middleware(AuthMiddleware, keyring=lambda: services.keys),
         ],
         exception_handlers={
             GatewayError: _gateway_error,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ def is_admin_route(method: str, path: str) -> bool:
     return (
         (method == "POST" and path.startswith("/models/") and path.endswith(("/load", "/unload")))
         or (method == "DELETE" and path == "/cache")
-        or path.startswith("/admin/")
+        or (method == "POST" and path.startswith("/admin/"))
     )
 
 
@@ -145,17 +145,20 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: Any, keys: KeyRing) -> None:
+    """`keyring` is asked on every request, so a config reload takes effect at once."""
+
+    def __init__(self, app: Any, keyring: Callable[[], KeyRing]) -> None:
         self.app = app
-        self.keys = keys
+        self.keyring = keyring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.keys.open or scope["path"] in PUBLIC:
+        keys = self.keyring()
+        if scope["type"] != "http" or keys.open or scope["path"] in PUBLIC:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            tenant = self.keys.identify(headers)
+            tenant = keys.identify(headers)
             if is_admin_route(scope["method"], scope["path"]) and not tenant.config.admin:
                 raise GatewayError(403, "This endpoint needs an admin key.", code="admin_only")
             await tenant.admit()

@@ -1,17 +1,20 @@
-"""`swapper-gateway serve | check-config | demo`."""
+"""`swapper-gateway serve | check-config | reload | demo`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import httpx
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_DIR, run_demo
 from gateway.discovery import discover_ollama_models
 from gateway.logs import configure_logging
+from gateway.reload import file_loader
 
 
 def _load(path: str | None) -> GatewayConfig:
@@ -26,8 +29,9 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     configure_logging(config.server.log_level)
     config = discover_ollama_models(config)
+    loader = file_loader(config.source) if config.source != "<defaults>" else None
     uvicorn.run(
-        create_app(config),
+        create_app(config, loader=loader),
         host=args.host or config.server.host,
         port=args.port or config.server.port,
         log_level="warning",
@@ -36,6 +40,23 @@ def serve(args: argparse.Namespace) -> int:
         loop="auto",
         http="auto",
     )
+    return 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    """Ask a running gateway to re-read its config (as SIGHUP does)."""
+    headers = {"authorization": f"Bearer {args.key}"} if args.key else {}
+    try:
+        response = httpx.post(f"{args.url.rstrip('/')}/admin/reload", headers=headers, timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"swapper-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        message = response.json().get("error", {}).get("message", response.text)
+        print(f"swapper-gateway: reload refused ({response.status_code}): {message}",
+              file=sys.stderr)
+        return 1
+    print(f"reloaded {response.json()['source']}: {len(response.json()['models'])} models")
     return 0
 
 
@@ -61,6 +82,12 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", help="config file (default as for serve)")
     check.set_defaults(func=check_config)
+    again = commands.add_parser("reload", help="make a running gateway re-read its config")
+    again.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                       help="the gateway (default http://127.0.0.1:8890)")
+    again.add_argument("--key", default=os.environ.get("SWAPPER_ADMIN_KEY"),
+                       help="an admin key (default $SWAPPER_ADMIN_KEY)")
+    again.set_defaults(func=reload)
     demo = commands.add_parser("demo", help="serve tiny llama.cpp models to see swaps happen")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8890, help="port (default 8890)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -12,15 +13,16 @@ class HeaderLimit:
     """ASGI middleware: 431 when the request's headers exceed `max_bytes` in all (the HTTP
     parser buffers any size, and the proxy would forward them to the backend)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: Callable[[], int]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # asked per request: a reload may change it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             size = sum(len(name) + len(value) for name, value in scope["headers"])
-            if size > self.max_bytes:
-                error = GatewayError(431, f"The request's headers exceed {self.max_bytes} bytes.",
+            limit = self.max_bytes()
+            if size > limit:
+                error = GatewayError(431, f"The request's headers exceed {limit} bytes.",
                                      code="request_header_fields_too_large")
                 await error.response()(scope, receive, send)
                 return

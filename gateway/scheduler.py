@@ -131,10 +131,7 @@ class Scheduler:
         self.budget = config.swapper.budget()
         self.clock = clock
         self.drivers = drivers
-        self.slots = {
-            model.name: Slot(Residency(model), drivers[model.backend])
-            for model in catalog.models()
-        }
+        self.slots: dict[str, Slot] = {}
         self.decisions: deque[Decision] = deque(maxlen=DECISION_LOG_SIZE)
         self._wake = asyncio.Event()
         self._wake_at: float | None = None
@@ -143,10 +140,33 @@ class Scheduler:
         self._swapping = False
         self._evicting: set[str] = set()  # victims of the running swap: they admit nothing
         self._closing = False
-        for slot in self.slots.values():
-            slot.idle.set()
-            if not slot.managed:
-                slot.residency.found(self.clock(), time.time())
+        self.apply(config, catalog, drivers)
+
+    def apply(self, config: GatewayConfig, catalog: Catalog,
+              drivers: Mapping[str, Driver]) -> None:
+        """Take a (re)loaded config: new models get a slot, kept ones keep their state."""
+        self.config, self.budget, self.drivers = config, config.swapper.budget(), drivers
+        models = {model.name: model for model in catalog.models()}
+        for name in set(self.slots) - set(models):
+            del self.slots[name]  # a reload removes only models not in use
+        for name, model in models.items():
+            slot = self.slots.get(name)
+            if slot is None:
+                slot = self.slots[name] = Slot(Residency(model), drivers[model.backend])
+                slot.idle.set()
+                if not slot.managed:
+                    slot.residency.found(self.clock(), time.time())
+            slot.residency.model, slot.driver = model, drivers[model.backend]
+        self.wake()
+
+    def in_use(self) -> dict[str, bool]:
+        """Per model: resident (for a managed model), queued for or serving requests."""
+        busy_states = (State.LOADED, State.LOADING, State.UNLOADING)
+        return {
+            name: bool(slot.queue) or slot.in_flight > 0
+            or (slot.managed and slot.residency.state in busy_states)
+            for name, slot in self.slots.items()
+        }
 
     # -- the request path -------------------------------------------------------------------
 

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
+import structlog
+
+from gateway.auth import KeyRing
 from gateway.calls import ApiCall
 from gateway.catalog import Catalog
 from gateway.coalescing import Coalescer
-from gateway.config import GatewayConfig, ModelConfig
+from gateway.config import ConfigError, GatewayConfig, ModelConfig
 from gateway.drivers import create_driver
 from gateway.drivers.base import Driver
 from gateway.embedding_batch import EmbeddingBatcher
 from gateway.proxy import Proxy
+from gateway.reload import Loader, checked
 from gateway.response_cache import ResponseCache
 from gateway.scheduler import Scheduler
 from gateway.upstream import Upstreams
 
+log = structlog.get_logger("gateway")
+
 
 class Services:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, loader: Loader | None = None) -> None:
         self.config = config
+        self.loader = loader  # how to read the config again, for a reload
         self.ready = False  # started and not shutting down (the readiness probe)
+        self.keys = KeyRing(config.auth)
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
         self.catalog = Catalog(config)
         self.upstreams = Upstreams(dict(config.backends))
         self.proxy = Proxy(self.upstreams, rename_models=config.server.rewrite_model_name)
@@ -37,6 +49,45 @@ class Services:
             self.fetch_json, window_s=config.embedding_batching.window_ms / 1000,
             max_inputs=config.embedding_batching.max_inputs,
         )
+
+    def spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run `work` in the background, held until it ends."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> GatewayConfig:
+        """Read the config again and apply it, or raise ConfigError and keep the old one."""
+        if self.loader is None:
+            raise ConfigError("this gateway was not started from a config file")
+        async with self._reloading:
+            new = checked(self.config, self.loader, self.scheduler.in_use())
+            await self._apply(new)
+        log.info("config.reloaded", source=new.source, models=len(new.models))
+        return new
+
+    async def _apply(self, new: GatewayConfig) -> None:
+        old, self.config = self.config, new
+        self.catalog = Catalog(new)
+        self.upstreams.update(dict(new.backends))
+        for name in set(self.drivers) - set(new.backends):
+            await self.drivers.pop(name).close()
+        for name, backend in new.backends.items():
+            models = [m for m in new.models.values() if m.backend == name]
+            driver = self.drivers.get(name)
+            if driver is not None and old.backends.get(name) == backend:
+                driver.models = models
+                continue
+            if driver is not None:
+                await driver.close()  # none of its models is in use (checked)
+            self.drivers[name] = create_driver(backend, models, self.upstreams)
+            await self.drivers[name].start(self.scheduler.model_lost)
+        self.scheduler.apply(new, self.catalog, self.drivers)
+        self.proxy.rename_models = new.server.rewrite_model_name
+        self.cache.config = new.cache
+        self.keys = KeyRing(new.auth)
+        self.embeddings.window_s = new.embedding_batching.window_ms / 1000
+        self.embeddings.max_inputs = new.embedding_batching.max_inputs
 
     async def start(self) -> None:
         await self.scheduler.start()

@@ -24,6 +24,7 @@ class Upstreams:
     def __init__(self, backends: dict[str, BackendConfig]) -> None:
         self._backends = backends
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._retired: list[aiohttp.ClientSession] = []  # replaced by a reload; closed at stop
 
     def session(self, backend: str) -> aiohttp.ClientSession:
         session = self._sessions.get(backend)
@@ -42,7 +43,17 @@ class Upstreams:
             self._sessions[backend] = session
         return session
 
+    def update(self, backends: dict[str, BackendConfig]) -> None:
+        """New backend settings: sessions of changed or removed backends are closed lazily."""
+        for name, session in list(self._sessions.items()):
+            if backends.get(name) != self._backends.get(name):
+                del self._sessions[name]
+                self._retired.append(session)
+        self._backends = backends
+
     async def close(self) -> None:
+        for session in self._retired:
+            await session.close()
         sessions, self._sessions = self._sessions, {}
         for session in sessions.values():
             await session.close()

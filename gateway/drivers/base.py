@@ -18,6 +18,7 @@ LostCallback = Callable[[str, str], None]  # (model name, reason)
 
 class Driver(Protocol):
     backend: BackendConfig
+    models: list[ModelConfig]  # the backend's models; a reload may replace the list
     # False for backends someone else runs: their models are always on and outside the budget.
     manages_residency: bool
 

@@ -7,13 +7,12 @@ Start the router with `--models-max 0` so that the gateway alone decides what to
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from gateway.config import BackendConfig, ModelConfig
+from gateway.config import ModelConfig
 from gateway.drivers.base import DriverError
 from gateway.drivers.http import HttpDriver, answers, call
-from gateway.upstream import Upstreams
 
 # A sleeping child is still resident: the router wakes it on the next request.
 _RESIDENT = frozenset({"loaded", "sleeping"})
@@ -26,10 +25,9 @@ Status = dict[str, Any]
 
 
 class LlamaRouterDriver(HttpDriver):
-    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
-                 upstreams: Upstreams) -> None:
-        super().__init__(backend, models, upstreams)
-        self._by_id = {model.served_name: model.name for model in models}
+    @property
+    def _by_id(self) -> dict[str, str]:
+        return {model.served_name: model.name for model in self.models}
 
     async def load(self, model: ModelConfig) -> None:
         await self._request("load", model, unless=_STARTED)

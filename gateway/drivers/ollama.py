@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import BackendConfig, ModelConfig
+from gateway.config import ModelConfig
 from gateway.drivers.base import DriverError
 from gateway.drivers.http import HttpDriver, answers, call
-from gateway.upstream import Upstreams
 
 _POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.5
 _UNLOAD_SLACK_S = 20.0  # beyond stop_grace: a generation in flight ends at its next token
@@ -22,10 +20,9 @@ def canonical(name: str) -> str:
 
 
 class OllamaDriver(HttpDriver):
-    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
-                 upstreams: Upstreams) -> None:
-        super().__init__(backend, models, upstreams)
-        self._by_served = {canonical(model.served_name): model.name for model in models}
+    @property
+    def _by_served(self) -> dict[str, str]:
+        return {canonical(model.served_name): model.name for model in self.models}
 
     async def load(self, model: ModelConfig) -> None:
         # The gateway decides when to unload, so Ollama is asked to keep the model forever.

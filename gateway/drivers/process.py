@@ -133,8 +133,8 @@ class ProcessDriver:
     manages_residency = True
 
     def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig]) -> None:
-        # `models` is part of every driver's signature; processes are started on demand.
         self.backend = backend
+        self.models = list(models)  # processes are started on demand, one per model
         self._argv = _parse_template(backend.cmd or "")
         self._processes: dict[str, _ModelProcess] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
