@@ -32,4 +32,14 @@ class Catalog:
         return self.backends[model.backend]
 
     def models(self) -> Iterable[ModelConfig]:
+        """The public models, as clients name them."""
         return self._models.values()
+
+    def all_models(self) -> Iterable[ModelConfig]:
+        """Every route: each public model and its fallbacks (`model@backend`)."""
+        for model in self._models.values():
+            yield model
+            yield from model.fallbacks
+
+    def routes(self, model: ModelConfig) -> list[ModelConfig]:
+        return [model, *model.fallbacks]

@@ -6,6 +6,7 @@ Every validation error names the file and the dotted key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,14 @@ class ModelConfig:
     max_concurrent: int | None = None  # requests served at once; more wait in the queue
     cache_enabled: bool = True
     cache_shared: bool = False  # one cache for all tenants instead of one per key
+    # Backends to fall back on, in order, each with its own name for the model. A fallback
+    # route is itself a ModelConfig named "<model>@<backend>" with `route_of` = the model.
+    fallbacks: tuple[ModelConfig, ...] = ()
+    route_of: str | None = None
+
+    @property
+    def public_name(self) -> str:
+        return self.route_of or self.name
 
 
 @dataclass(frozen=True)
@@ -296,7 +305,7 @@ def _model(
     ttl = reader.get(data, "ttl", path, float, 0.0)
     reader.positive(size_gb, _join(path, "size_gb"))
     reader.positive(ttl, _join(path, "ttl"))
-    return ModelConfig(
+    model = ModelConfig(
         name=name,
         backend=backend,
         served_name=served or name,
@@ -310,6 +319,27 @@ def _model(
         max_concurrent=_positive_int(reader, data, "max_concurrent", path),
         cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
         cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
+    )
+    routes = reader.get(data, "fallback", path, list, [])
+    fallbacks = tuple(_fallback(reader, model, i, item, backends) for i, item in enumerate(routes))
+    return dataclasses.replace(model, fallbacks=fallbacks)
+
+
+def _fallback(reader: _Reader, model: ModelConfig, index: int, data: Any,
+              backends: Mapping[str, BackendConfig]) -> ModelConfig:
+    path = f"models.{model.name}.fallback[{index}]"
+    if not isinstance(data, Mapping):
+        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+    backend = reader.get(data, "backend", path, str, None)
+    if backend not in backends:
+        known = ", ".join(sorted(backends)) or "none"
+        raise reader.fail(_join(path, "backend"), f"unknown backend {backend!r} (known: {known})")
+    size_gb = reader.get(data, "size_gb", path, float, model.size_gb)
+    reader.positive(size_gb, _join(path, "size_gb"))
+    return dataclasses.replace(
+        model, name=f"{model.name}@{backend}", backend=backend, aliases=(),
+        served_name=reader.get(data, "served_name", path, str, None) or model.served_name,
+        path=reader.get(data, "path", path, str, None), size_gb=size_gb, route_of=model.name,
     )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+import structlog
 from aiohttp import ClientResponse
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +33,8 @@ from gateway.services import Services
 from gateway.usage import UsageScanner, usage_tokens
 
 _STARTED = int(time.time())
+T = TypeVar("T")
+log = structlog.get_logger("gateway")
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -67,6 +70,7 @@ class Exchange:
     model: ModelConfig
     ticket: CacheTicket
     swap_timeout: float | None  # the client's X-Swap-Timeout, if it sent one
+    public: ModelConfig  # the model as configured; `model` is the route serving it now
     leadership: Leadership | None = None  # set when this call leads identical ones
 
     @property
@@ -133,20 +137,21 @@ class OpenAIApi:
         server = services.config.server
         raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
         call = parse_call(endpoint, raw)
-        model = services.catalog.resolve(call.model)
+        public = services.catalog.resolve(call.model)
+        state = request.scope["state"]
+        tenant = state.get("key")
+        if tenant is not None and not tenant.allows({public.name, call.model}):
+            raise model_not_found(call.model)
+        model = services.fallback.choose(public)  # the route that serves it now
         backend = services.catalog.backend_of(model)
         if endpoint not in backend.endpoints:
             raise GatewayError(
                 404, f"Model '{call.model}' (backend '{backend.name}') does not serve "
                 f"/v1/{endpoint}.", code="unsupported_endpoint", param="model",
             )
-        state = request.scope["state"]
-        tenant = state.get("key")
-        if tenant is not None and not tenant.allows({model.name, call.model}):
-            raise model_not_found(call.model)
-        state.update(model=model.name, backend=backend.name)
-        ticket = services.cache.ticket(call, model, request.headers, state.get("tenant"))
-        return Exchange(request, call, model, ticket, _swap_timeout(request))
+        state.update(model=public.name, backend=backend.name)
+        ticket = services.cache.ticket(call, public, request.headers, state.get("tenant"))
+        return Exchange(request, call, model, ticket, _swap_timeout(request), public)
 
     def replay(self, exchange: Exchange, record: Record,
                cache_header: str) -> Response | RelayResponse:
@@ -170,18 +175,35 @@ class OpenAIApi:
 
     async def complete(self, exchange: Exchange) -> Response:
         call, services = exchange.call, self.services
-        if call.endpoint == "embeddings":
-            body = await services.embeddings.submit(call, exchange.model)
-        else:
-            body = await services.fetch_json(call, exchange.model, exchange.request.headers,
-                                             exchange.request_id, exchange.swap_timeout)
+        body = await self.on_next_route(exchange, lambda route: (
+            services.embeddings.submit(call, route) if call.endpoint == "embeddings"
+            else services.fetch_json(call, route, exchange.request.headers,
+                                     exchange.request_id, exchange.swap_timeout)))
         exchange.settle(services.cache.store_json(exchange.ticket, call, body))
         if exchange.meters_tokens:
             exchange.request.scope["state"]["usage_tokens"] = usage_tokens(body)
         return json_response(body, headers={"x-cache": exchange.ticket.header})
 
+    async def on_next_route(self, exchange: Exchange,
+                            attempt: Callable[[ModelConfig], Awaitable[T]]) -> T:
+        """Run `attempt` on the model's route; if its backend refuses connections and the
+        model has a fallback that is up, run it once more there."""
+        try:
+            return await attempt(exchange.model)
+        except GatewayError as error:
+            alternative = self.services.fallback.choose(exchange.public)
+            if error.code != "backend_unreachable" or alternative is exchange.model:
+                raise
+        log.info("fallback.used", model=exchange.public.name, backend=alternative.backend)
+        exchange.model = alternative
+        exchange.request.scope["state"]["backend"] = alternative.backend
+        return await attempt(alternative)
+
     async def stream(self, exchange: Exchange) -> Response | RelayResponse:
-        ticket = self.services.scheduler.request(exchange.model)
+        return await self.on_next_route(exchange, lambda route: self.stream_on(exchange, route))
+
+    async def stream_on(self, exchange: Exchange, route: ModelConfig) -> Response | RelayResponse:
+        ticket = self.services.scheduler.request(route)
         headers = {**SSE_HEADERS, "x-cache": exchange.ticket.header}
         if isinstance(ticket, Waiter):
             # Answer at once and keep the client company while the model loads.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from gateway.backend_health import BackendHealth
 from gateway.calls import ApiCall
 from gateway.config import BackendConfig
 from gateway.errors import OPENAI_ERROR_TYPES, GatewayError
@@ -93,9 +94,11 @@ def check_stream_answer(backend: BackendConfig, response: aiohttp.ClientResponse
 
 
 class Proxy:
-    def __init__(self, upstreams: Upstreams, *, rename_models: bool = True) -> None:
+    def __init__(self, upstreams: Upstreams, *, rename_models: bool = True,
+                 health: BackendHealth | None = None) -> None:
         self.upstreams = upstreams
         self.rename_models = rename_models
+        self.health = health or BackendHealth()
 
     def renamer(self, call: ApiCall, target: Target) -> ModelRenamer | None:
         if not self.rename_models or call.model == target.served_name:
@@ -110,17 +113,16 @@ class Proxy:
         drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
         body = call.body_for(target.served_name, drop)
         sent_headers = upstream_headers(headers, target.backend, request_id)
-        for attempt in (1, 2):
-            try:
-                response = await session.post(url, data=body, headers=sent_headers)
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # A pooled connection the backend had closed fails before any answer: once,
-                # the same request goes again on a fresh connection.
-                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise backend_failure(target.backend, exc) from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise backend_failure(target.backend, exc) from exc
+        try:
+            response = await self._send(session, url, body, sent_headers, target.backend)
+        except GatewayError as error:
+            self.health.failed(target.backend.name,
+                               unreachable=error.code == "backend_unreachable")
+            raise
+        if response.status >= 500:
+            self.health.failed(target.backend.name)
+        else:
+            self.health.ok(target.backend.name)
         if response.status >= 400:
             try:
                 body = await response.content.read(_ERROR_BODY_LIMIT)
@@ -130,6 +132,21 @@ class Proxy:
                 response.close()
             raise wrap_backend_error(target.backend, response.status, body)
         return response
+
+    @staticmethod
+    async def _send(session: aiohttp.ClientSession, url: str, body: bytes,
+                    headers: Mapping[str, str], backend: BackendConfig) -> aiohttp.ClientResponse:
+        for attempt in (1, 2):
+            try:
+                return await session.post(url, data=body, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled connection the backend had closed fails before any answer: once,
+                # the same request goes again on a fresh connection.
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise backend_failure(backend, exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise backend_failure(backend, exc) from exc
+        raise AssertionError("unreachable")
 
     async def read_json(self, response: aiohttp.ClientResponse, target: Target,
                         renamer: ModelRenamer | None) -> bytes:

@@ -146,7 +146,7 @@ class Scheduler:
               drivers: Mapping[str, Driver]) -> None:
         """Take a (re)loaded config: new models get a slot, kept ones keep their state."""
         self.config, self.budget, self.drivers = config, config.swapper.budget(), drivers
-        models = {model.name: model for model in catalog.models()}
+        models = {model.name: model for model in catalog.all_models()}
         for name in set(self.slots) - set(models):
             del self.slots[name]  # a reload removes only models not in use
         for name, model in models.items():

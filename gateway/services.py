@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from gateway.auth import KeyRing
+from gateway.backend_health import BackendHealth
 from gateway.calls import ApiCall
 from gateway.catalog import Catalog
 from gateway.coalescing import Coalescer
@@ -16,6 +17,7 @@ from gateway.config import ConfigError, GatewayConfig, ModelConfig
 from gateway.drivers import create_driver
 from gateway.drivers.base import Driver
 from gateway.embedding_batch import EmbeddingBatcher
+from gateway.fallback import Fallback
 from gateway.proxy import Proxy
 from gateway.reload import Loader, checked
 from gateway.response_cache import ResponseCache
@@ -35,14 +37,15 @@ class Services:
         self._tasks: set[asyncio.Task[object]] = set()
         self.catalog = Catalog(config)
         self.upstreams = Upstreams(dict(config.backends))
-        self.proxy = Proxy(self.upstreams, rename_models=config.server.rewrite_model_name)
+        self.health = BackendHealth()
+        self.proxy = Proxy(self.upstreams, rename_models=config.server.rewrite_model_name,
+                           health=self.health)
         self.drivers: dict[str, Driver] = {
-            name: create_driver(
-                backend, [m for m in config.models.values() if m.backend == name], self.upstreams
-            )
+            name: create_driver(backend, self._models_of(name), self.upstreams)
             for name, backend in config.backends.items()
         }
         self.scheduler = Scheduler(config, self.catalog, self.drivers)
+        self.fallback = Fallback(lambda: self.catalog, self.scheduler, self.drivers, self.health)
         self.cache = ResponseCache(config.cache)
         self.coalescer = Coalescer()
         self.embeddings = EmbeddingBatcher(
@@ -73,7 +76,7 @@ class Services:
         for name in set(self.drivers) - set(new.backends):
             await self.drivers.pop(name).close()
         for name, backend in new.backends.items():
-            models = [m for m in new.models.values() if m.backend == name]
+            models = self._models_of(name)
             driver = self.drivers.get(name)
             if driver is not None and old.backends.get(name) == backend:
                 driver.models = models
@@ -89,12 +92,19 @@ class Services:
         self.embeddings.window_s = new.embedding_batching.window_ms / 1000
         self.embeddings.max_inputs = new.embedding_batching.max_inputs
 
+    def _models_of(self, backend: str) -> list[ModelConfig]:
+        return [m for m in self.catalog.all_models() if m.backend == backend]
+
     async def start(self) -> None:
         await self.scheduler.start()
+        self.spawn(self.fallback.watch())
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.embeddings.close()
         await self.scheduler.stop()
         await self.cache.close()

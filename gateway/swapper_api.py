@@ -46,7 +46,9 @@ class SwapperApi:
 
     @property
     def _slots(self) -> dict[str, Slot]:
-        return self.services.scheduler.slots
+        """The public models' slots (fallback routes show in their model's status)."""
+        return {name: slot for name, slot in self.services.scheduler.slots.items()
+                if slot.model.route_of is None}
 
     def _slot(self, request: Request) -> Slot:
         model = self.services.catalog.resolve(request.path_params["name"])
@@ -110,9 +112,15 @@ class SwapperApi:
 
     def _model_status(self, slot: Slot) -> dict[str, Any]:
         r = slot.residency
+        serving = self.services.fallback.choose(slot.model)
         return {
             "status": r.state.value,
             "backend": slot.model.backend,
+            "serving_backend": serving.backend,
+            "routes": {
+                route.backend: self.services.scheduler.slots[route.name].residency.state.value
+                for route in self.services.catalog.routes(slot.model)
+            },
             "queue_depth": len(slot.queue),
             "in_flight": slot.in_flight,
             "error": r.error,
