@@ -33,6 +33,7 @@ log = structlog.get_logger("gateway")
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    request.scope["state"]["error"] = exc.code or exc.type
     return exc.response()
 
 
@@ -44,8 +45,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"Method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return GatewayError(exc.status_code, message, code="unknown_endpoint"
-                        if exc.status_code == 404 else None, headers=exc.headers).response()
+    error = GatewayError(exc.status_code, message, headers=exc.headers,
+                         code="unknown_endpoint" if exc.status_code == 404 else None)
+    request.scope["state"]["error"] = error.code or error.type
+    return error.response()
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -93,7 +96,7 @@ def create_app(config: GatewayConfig, services: Services | None = None,
         routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
                 *AdminApi(services).routes(), *ui_routes(services)],
         middleware=[
-            Middleware(AccessLog),
+            Middleware(AccessLog, observer=services.metrics.requests.observe),
             Middleware(HeaderLimit, max_bytes=lambda: services.config.server.max_header_bytes),
             Middleware(AuthMiddleware, keyring=lambda: services.keys),
         ],

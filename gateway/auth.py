@@ -163,6 +163,7 @@ class AuthMiddleware:
                 raise GatewayError(403, "This endpoint needs an admin key.", code="admin_only")
             await tenant.admit()
         except GatewayError as error:
+            scope.setdefault("state", {})["error"] = error.code
             await error.response()(scope, receive, send)
             return
         scope.setdefault("state", {}).update(tenant=tenant.name, key=tenant)
@@ -170,7 +171,8 @@ class AuthMiddleware:
             await self.app(scope, receive, _with_headers(send, tenant.headers))
         finally:
             tenant.in_flight -= 1
-            await tenant.charge_tokens(scope["state"].get("usage_tokens") or 0)
+            usage = scope["state"].get("usage")
+            await tenant.charge_tokens(usage.total if usage else 0)
 
 
 def _with_headers(send: Send, make: Any) -> Send:

@@ -11,12 +11,14 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from gateway.relay import Receive, Scope, Send
 
+Observer = Callable[[dict[str, Any], dict[str, Any]], None]  # (request state, log record)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -53,8 +55,9 @@ def request_id_from(scope: Scope) -> str:
 class AccessLog:
     """ASGI middleware: assigns the request id and logs `request.done` when the answer ends."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, observer: Observer | None = None) -> None:
         self.app = app
+        self.observer = observer  # metrics, fed with the same record as the log line
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +84,9 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_logged)
         finally:
+            record["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            if self.observer is not None:
+                self.observer(state, record)
             log.info(
                 "request.done",
                 request_id=request_id,
@@ -90,6 +96,6 @@ class AccessLog:
                 backend=state.get("backend"),
                 tenant=state.get("tenant"),
                 cache=state.get("cache"),
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                error=state.get("error"),
                 **record,
             )

@@ -1,21 +1,71 @@
-"""Prometheus metrics, read from the scheduler's and the cache's live state at scrape time."""
+"""Prometheus metrics: the scheduler's and the cache's live state, read at scrape time, and
+per-request figures recorded as each answer ends (status, durations, tokens, errors, loads)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from gateway.services import Services
+from gateway.response_cache import ResponseCache
+from gateway.scheduler import Scheduler
 from policies.types import State
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RequestMetrics:
+    """Figures recorded when an API request's answer ends (fed by the access log)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("swapper_model_requests", "API requests by model and status",
+                                ["model", "status"], registry=registry)
+        self.duration = Histogram("swapper_request_duration_seconds", "Whole answer",
+                                  ["model"], buckets=_SECONDS, registry=registry)
+        self.ttfb = Histogram("swapper_time_to_first_byte_seconds", "First byte of the answer",
+                              ["model"], buckets=_SECONDS, registry=registry)
+        self.tokens = Counter("swapper_tokens", "Tokens from the answers' usage",
+                              ["model", "kind"], registry=registry)
+        self.errors = Counter("swapper_errors", "Errors answered, by OpenAI error code",
+                              ["code"], registry=registry)
+        self.loads = Histogram("swapper_model_load_seconds", "Model loads (swap-ins)",
+                               ["model"], buckets=_SECONDS, registry=registry)
+
+    def observe(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        if state.get("error"):
+            self.errors.labels(state["error"]).inc()
+        model = state.get("model")
+        if model is None:
+            return
+        self.requests.labels(model, str(record["status"])).inc()
+        self.duration.labels(model).observe(record["duration_ms"] / 1000)
+        if record["ttfb_ms"] is not None:
+            self.ttfb.labels(model).observe(record["ttfb_ms"] / 1000)
+        usage = state.get("usage")
+        if usage is not None:
+            self.tokens.labels(model, "prompt").inc(usage.prompt)
+            self.tokens.labels(model, "completion").inc(usage.completion)
+
+    def loaded(self, model: str, seconds: float) -> None:
+        self.loads.labels(model).observe(seconds)
+
+
+class Metrics:
+    """The gateway's registry: live state plus per-request figures."""
+
+    def __init__(self, scheduler: Scheduler, cache: ResponseCache) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(GatewayCollector(scheduler, cache))  # type: ignore[arg-type]
+        self.requests = RequestMetrics(self.registry)
 
 
 class GatewayCollector:
-    def __init__(self, services: Services) -> None:
-        self.scheduler = services.scheduler
-        self.cache = services.cache
+    def __init__(self, scheduler: Scheduler, cache: ResponseCache) -> None:
+        self.scheduler = scheduler
+        self.cache = cache
 
     def collect(self) -> Iterator[Metric]:
         yield from self._models()
@@ -41,8 +91,6 @@ class GatewayCollector:
                                    labels=["model"])
         uptime = GaugeMetricFamily("swapper_model_uptime_seconds",
                                    "Total time the model has been resident", labels=["model"])
-        requests = CounterMetricFamily("swapper_model_requests", "Requests leased to the model",
-                                       labels=["model"])
         loads = CounterMetricFamily("swapper_model_loads", "Completed loads", labels=["model"])
         last_load = GaugeMetricFamily("swapper_model_last_load_seconds",
                                       "Duration of the last load", labels=["model"])
@@ -56,7 +104,6 @@ class GatewayCollector:
             r = slot.residency
             active.add_metric([name], 1.0 if r.state is State.LOADED else 0.0)
             uptime.add_metric([name], r.uptime_s(now))
-            requests.add_metric([name], slot.request_count)
             loads.add_metric([name], r.load_count)
             if r.last_load_s is not None:
                 last_load.add_metric([name], r.last_load_s)
@@ -64,13 +111,7 @@ class GatewayCollector:
             in_flight.add_metric([name], slot.in_flight)
             for each in State:
                 state.add_metric([name, each.value], 1.0 if r.state is each else 0.0)
-        yield from (active, uptime, requests, loads, last_load, queue, in_flight, state)
-
-
-def registry_for(services: Services) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(services))  # type: ignore[arg-type]
-    return registry
+        yield from (active, uptime, loads, last_load, queue, in_flight, state)
 
 
 def wants_prometheus(accept: str) -> bool:

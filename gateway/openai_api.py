@@ -30,7 +30,7 @@ from gateway.replay import Record
 from gateway.response_cache import CacheTicket
 from gateway.scheduler import Lease, Waiter
 from gateway.services import Services
-from gateway.usage import UsageScanner, usage_tokens
+from gateway.usage import UsageScanner, usage_of
 
 _STARTED = int(time.time())
 T = TypeVar("T")
@@ -76,12 +76,6 @@ class Exchange:
     @property
     def request_id(self) -> str:
         return self.request.scope["state"]["request_id"]
-
-    @property
-    def meters_tokens(self) -> bool:
-        """Whether the caller's key has a token budget to charge this answer to."""
-        tenant = self.request.scope["state"].get("key")
-        return tenant is not None and tenant.tokens is not None
 
     def settle(self, record: Record | None) -> None:
         if self.leadership is not None:
@@ -180,8 +174,7 @@ class OpenAIApi:
             else services.fetch_json(call, route, exchange.request.headers,
                                      exchange.request_id, exchange.swap_timeout)))
         exchange.settle(services.cache.store_json(exchange.ticket, call, body))
-        if exchange.meters_tokens:
-            exchange.request.scope["state"]["usage_tokens"] = usage_tokens(body)
+        exchange.request.scope["state"]["usage"] = usage_of(body)
         return json_response(body, headers={"x-cache": exchange.ticket.header})
 
     async def on_next_route(self, exchange: Exchange,
@@ -286,17 +279,15 @@ class OpenAIApi:
         chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
         if exchange.ticket.decision.write:
             chunks = self.services.cache.tee(exchange.ticket, call, chunks, exchange.settle)
-        scanner = UsageScanner() if exchange.meters_tokens else None
+        scanner = UsageScanner()
         try:
             async for chunk in chunks:
-                if scanner:
-                    scanner.feed(chunk)
+                scanner.feed(chunk)
                 yield chunk
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
             lease.release()
-            if scanner:
-                exchange.request.scope["state"]["usage_tokens"] = scanner.tokens
+            exchange.request.scope["state"]["usage"] = scanner.usage
             exchange.settle(None)  # no-op when the tee already settled with the answer
 
     # -- models ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class HeaderLimit:
             if size > limit:
                 error = GatewayError(431, f"The request's headers exceed {limit} bytes.",
                                      code="request_header_fields_too_large")
+                scope.setdefault("state", {})["error"] = error.code
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

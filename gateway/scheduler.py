@@ -140,6 +140,7 @@ class Scheduler:
         self._swapping = False
         self._evicting: set[str] = set()  # victims of the running swap: they admit nothing
         self._closing = False
+        self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
         self.apply(config, catalog, drivers)
 
     def apply(self, config: GatewayConfig, catalog: Catalog,
@@ -374,6 +375,8 @@ class Scheduler:
             return
         r.loaded(self.clock(), time.time())
         log.info("model.loaded", model=r.model.name, seconds=round(r.last_load_s or 0, 3))
+        if self.on_loaded is not None:
+            self.on_loaded(r.model.name, r.last_load_s or 0.0)
 
     async def _unload(self, slot: Slot, reason: str = "") -> None:
         r = slot.residency

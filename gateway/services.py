@@ -18,6 +18,7 @@ from gateway.drivers import create_driver
 from gateway.drivers.base import Driver
 from gateway.embedding_batch import EmbeddingBatcher
 from gateway.fallback import Fallback
+from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.reload import Loader, checked
 from gateway.response_cache import ResponseCache
@@ -47,6 +48,8 @@ class Services:
         self.scheduler = Scheduler(config, self.catalog, self.drivers)
         self.fallback = Fallback(lambda: self.catalog, self.scheduler, self.drivers, self.health)
         self.cache = ResponseCache(config.cache)
+        self.metrics = Metrics(self.scheduler, self.cache)
+        self.scheduler.on_loaded = self.metrics.requests.loaded
         self.coalescer = Coalescer()
         self.embeddings = EmbeddingBatcher(
             self.fetch_json, window_s=config.embedding_batching.window_ms / 1000,

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from gateway import __version__
 from gateway.errors import model_not_found
-from gateway.metrics import registry_for, render, wants_prometheus
+from gateway.metrics import render, wants_prometheus
 from gateway.scheduler import Slot
 from gateway.services import Services
 from policies.types import State
@@ -29,7 +29,6 @@ def _iso(wall: float | None) -> str | None:
 class SwapperApi:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.registry = registry_for(services)
 
     def routes(self) -> list[Route]:
         return [
@@ -184,7 +183,7 @@ class SwapperApi:
     async def metrics(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
         if wants_prometheus(accept):
-            body, content_type = render(self.registry, accept)
+            body, content_type = render(self.services.metrics.registry, accept)
             return Response(body, media_type=content_type)
         metrics = [self._metrics(slot) for slot in self._slots.values()]
         return _json({"models": metrics,

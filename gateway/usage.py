@@ -1,44 +1,47 @@
-"""Token usage read off answers (for per-key token budgets), without slowing the relay."""
+"""Token usage read off answers (for metrics and per-key token budgets), without parsing them:
+a search for the usage object's numbers after the answer's last `"usage"`."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from dataclasses import dataclass
 
-import orjson
+_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
 
 
-def usage_tokens(payload: bytes) -> int:
-    """`usage.total_tokens` of one JSON answer or SSE event; 0 when absent or unreadable."""
-    try:
-        data: Any = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return 0
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if not isinstance(usage, dict):
-        return 0
-    total = usage.get("total_tokens")
-    if not isinstance(total, int):
-        total = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
-    return max(total, 0)
+@dataclass(frozen=True)
+class Usage:
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+
+
+def usage_of(payload: bytes) -> Usage:
+    """The usage in one JSON answer or the tail of a stream; zeros when there is none."""
+    start = payload.rfind(b'"usage"')
+    if start < 0:
+        return Usage()
+    fields = {name: int(value) for name, value in _FIELD.findall(payload, start)}
+    prompt = fields.get(b"prompt_tokens", 0)
+    completion = fields.get(b"completion_tokens", 0)
+    return Usage(prompt, completion, fields.get(b"total_tokens", prompt + completion))
 
 
 class UsageScanner:
-    """Remembers the last SSE `data:` line that mentions usage (the usage chunk comes last)."""
+    """Keeps the last stretch of a stream that mentions usage (the usage chunk comes last)."""
 
     def __init__(self) -> None:
-        self._pending = b""
         self._last = b""
+        self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        data = self._pending + chunk
-        cut = data.rfind(b"\n") + 1
-        self._pending = data[cut:]
-        if b'"usage"' not in data[:cut]:
-            return
-        for line in data[:cut].splitlines():
-            if line.startswith(b"data:") and b'"usage"' in line:
-                self._last = line[5:].strip()
+        window = self._tail + chunk  # a `"usage"` may be split between two chunks
+        if b'"usage"' in window:
+            self._last = window[window.rfind(b'"usage"'):]
+        elif self._last and len(self._last) < 512:
+            self._last += chunk  # the usage object's numbers may come in the next chunk
+        self._tail = chunk[-8:]
 
     @property
-    def tokens(self) -> int:
-        return usage_tokens(self._last) if self._last else 0
+    def usage(self) -> Usage:
+        return usage_of(self._last)

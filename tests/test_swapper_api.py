@@ -79,6 +79,15 @@ def test_unknown_model_in_the_swapper_api_is_404(gateway: Any) -> None:
         assert response.json()["error"]["code"] == "model_not_found"
 
 
+def test_errors_are_counted_by_code(gateway: Any) -> None:
+    httpx.post(gateway.url + "/v1/chat/completions",
+               json={"model": "ghost", "messages": [{"role": "user", "content": "hi"}]})
+    httpx.post(gateway.url + "/v1/chat/completions", content=b"{oops")
+    text = httpx.get(gateway.url + "/metrics", headers={"accept": "text/plain"}).text
+    assert 'swapper_errors_total{code="model_not_found"} 1.0' in text
+    assert 'swapper_errors_total{code="invalid_json"} 1.0' in text
+
+
 def test_metrics_json_and_prometheus(gateway: Any) -> None:
     httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
                json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
@@ -91,7 +100,10 @@ def test_metrics_json_and_prometheus(gateway: Any) -> None:
     text = httpx.get(gateway.url + "/metrics", headers={"accept": "text/plain"})
     assert text.headers["content-type"].startswith("text/plain")
     assert 'swapper_active_model{model="qwen"} 1.0' in text.text
-    assert 'swapper_model_requests_total{model="qwen"} 1.0' in text.text
+    assert 'swapper_model_requests_total{model="qwen",status="200"} 1.0' in text.text
+    assert 'swapper_model_load_seconds_count{model="qwen"} 1.0' in text.text
+    assert 'swapper_time_to_first_byte_seconds_count{model="qwen"} 1.0' in text.text
+    assert 'swapper_tokens_total{kind="completion",model="qwen"}' in text.text
     scraped = httpx.get(gateway.url + "/metrics", headers={
         "accept": "application/openmetrics-text; version=1.0.0"})
     assert scraped.headers["content-type"].startswith("application/openmetrics-text")
