@@ -23,7 +23,7 @@ from gateway.relay import Receive, Scope, Send
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 from tests.redis_server import RedisServer
-from tests.servers import ServerThread, free_port, wait_until
+from tests.servers import ServerThread, free_port, reaped, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -339,14 +339,6 @@ def model_pid(gateway: ServerThread, model: str = "p1") -> int:
     return int(driver._processes[model].pid)
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def model_status(gateway: ServerThread, model: str = "p1") -> str:
     return str(httpx.get(f"{gateway.url}/models/{model}").json()["status"])
 
@@ -380,7 +372,7 @@ def test_a_request_just_after_the_process_died_is_not_a_crash(start_gateway: Any
     assert httpx.post(gateway.url + CHAT, json=ask("p1", max_tokens=1), timeout=30).is_success
     pid = model_pid(gateway)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: gone(pid), message="process reaped")
+    wait_until(lambda: reaped(pid), message="process reaped")
     response = httpx.post(gateway.url + CHAT, json=ask("p1", max_tokens=1), timeout=30)
     assert response.status_code != 500, response.text
     wait_until(lambda: model_status(gateway) != "loaded", message="death noticed")
