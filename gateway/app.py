@@ -84,6 +84,8 @@ def create_app(config: GatewayConfig, services: Services | None = None,
         await services.start()
         _reload_on_sighup(services)
         log.info("gateway.started", config=config.source, models=len(config.models))
+        for key in config.unknown_keys:
+            log.warning("config.unknown_key", config=config.source, key=key)
         if config.auth.open:
             log.warning("auth.open", message="no API keys configured: every client is let in")
         try:

@@ -67,6 +67,8 @@ def check_config(args: argparse.Namespace) -> int:
     for model in config.models.values():
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"  {model.name}{aliases} -> {model.backend}:{model.served_name}")
+    for key in config.unknown_keys:
+        print(f"  warning: unknown key {key} (ignored)")
     return 0
 
 

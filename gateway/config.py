@@ -159,18 +159,44 @@ class GatewayConfig:
     embedding_batching: EmbeddingBatching = EmbeddingBatching()
     auth: AuthConfig = AuthConfig()
     source: str = "<defaults>"
+    unknown_keys: tuple[str, ...] = ()  # read but not understood: typos, or newer keys
+
+
+_NAMED_SECTIONS = frozenset({"models", "backends"})  # their keys are names, not settings
+_FREE_FORM = frozenset({"env"})  # any key goes (environment variables of a process backend)
 
 
 class _Reader:
-    """Reads typed values out of nested YAML mappings, naming file and key on error."""
+    """Reads typed values out of nested YAML mappings, naming file and key on error, and
+    remembering which keys it read so that the others can be reported as unknown."""
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.seen: set[tuple[str, str]] = set()
+
+    def unknown_keys(self, data: Mapping[str, Any], path: str = "") -> list[str]:
+        found: list[str] = []
+        for key, value in data.items():
+            key, full = str(key), _join(path, str(key))
+            if not path and key in _NAMED_SECTIONS and isinstance(value, Mapping):
+                for name, item in value.items():
+                    if isinstance(item, Mapping):
+                        found += self.unknown_keys(item, f"{key}.{name}")
+            elif (path, key) not in self.seen:
+                found.append(full)
+            elif isinstance(value, Mapping) and key not in _FREE_FORM:
+                found += self.unknown_keys(value, full)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, Mapping):
+                        found += self.unknown_keys(item, f"{full}[{i}]")
+        return found
 
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {message}")
 
     def section(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+        self.seen.add((path, key))
         value = data.get(key)
         if value is None:
             return {}
@@ -179,6 +205,7 @@ class _Reader:
         return value
 
     def get(self, data: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+        self.seen.add((path, key))
         value = data.get(key, default)
         if value is None or value is default:
             return value
@@ -564,6 +591,7 @@ def parse_config(
         embedding_batching=_embedding_batching(reader, data),
         auth=_auth(reader, data, env),
         source=source,
+        unknown_keys=tuple(reader.unknown_keys(data)),
     )
 
 

@@ -113,3 +113,28 @@ def test_check_config_rejects_invalid_yaml(tmp_path: Path) -> None:
     result = _cli("check-config", str(bad))
     assert result.returncode == 2
     assert "invalid YAML" in result.stderr
+
+
+def test_examples_have_no_unknown_keys() -> None:
+    for name in ("swapper_config.yaml", "gateway.yaml"):
+        assert load_config(EXAMPLES / name, env={}).unknown_keys == ()
+
+
+def test_unknown_keys_are_reported_not_fatal() -> None:
+    config = parse_config({
+        "swapper": {"mode": "single-active", "max_concurent_models": 2},
+        "backends": {"b": {"base_url": "http://x", "timeouts": {"reed": 1},
+                           "env": {"ANY_NAME": "ok"}}},
+        "models": {"m": {"backend": "b", "sise_gb": 3, "fallback": [{"backend": "b", "x": 1}]}},
+        "telemetry": {},
+    }, env={})
+    assert set(config.unknown_keys) == {
+        "swapper.max_concurent_models", "backends.b.timeouts.reed", "models.m.sise_gb",
+        "models.m.fallback[0].x", "telemetry"}
+
+
+def test_check_config_warns_about_unknown_keys(tmp_path: Path) -> None:
+    file = tmp_path / "typo.yaml"
+    file.write_text("models:\n  m:\n    path: 'ollama:m'\n    size_gbs: 4\n")
+    result = _cli("check-config", str(file))
+    assert result.returncode == 0 and "unknown key models.m.size_gbs" in result.stdout

@@ -95,6 +95,7 @@ def validate_service_monitor(manifest: Manifest) -> None:
 def test_config_map_is_a_config_the_gateway_accepts(case: Case) -> None:
     values, manifests = case
     config = gateway_config(manifests)
+    assert config.unknown_keys == ()
     assert set(config.models) == set((values or {}).get("config", {}).get("models", {}))
     redis = f"redis://{RELEASE}-swapper-gateway-redis:6379/0" if values else None
     assert config.cache.redis_url == redis
