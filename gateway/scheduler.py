@@ -5,6 +5,10 @@ other request becomes a `Waiter` in its model's queue. On every event (enqueue, 
 done, timer) the scheduler snapshots all models and asks the pure policy
 (`policies.scheduling.decide`) what to do: admit queued requests, stop admitting a model so it
 drains, unload idle models, load the next one. One swap runs at a time (one GPU box).
+
+Replicas sharing the box (see `gateway.coordination`) swap under a lock per backend, reconcile
+before they swap, and hold a model another replica is draining: it admits nothing until that
+replica's swap is over.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from gateway.catalog import Catalog
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.coordination import Coordinator, LocalCoordinator, Notice
 from gateway.drivers.base import Driver, DriverError
 from gateway.errors import GatewayError
 from gateway.proxy import Target
@@ -33,6 +38,8 @@ log = structlog.get_logger("gateway.scheduler")
 
 RECONCILE_INTERVAL_S = 10.0
 DECISION_LOG_SIZE = 50
+DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
+HOLD_S = 60.0  # a hold outlives a replica that died mid-swap by this much at most
 
 
 @dataclass
@@ -126,8 +133,10 @@ def load_failed(model: str, error: str, retry_in: float) -> GatewayError:
 
 class Scheduler:
     def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 coordinator: Coordinator | None = None) -> None:
         self.config = config
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.budget = config.swapper.budget()
         self.clock = clock
         self.drivers = drivers
@@ -139,6 +148,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._swapping = False
         self._evicting: set[str] = set()  # victims of the running swap: they admit nothing
+        self._held: dict[str, float] = {}  # model -> since when another replica drains it
+        self._surprises = 0  # states reconciling changed: plans made before them may be stale
         self._closing = False
         self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
         self.apply(config, catalog, drivers)
@@ -232,6 +243,7 @@ class Scheduler:
                                code="model_unavailable",
                                headers={"retry-after": "1", "x-should-retry": "true"}) from exc
         slot.in_flight += 1
+        self.coordinator.leased(slot.model.name, 1)
         slot.request_count += 1
         slot.last_used = now
         slot.idle.clear()
@@ -240,6 +252,7 @@ class Scheduler:
 
     def _release(self, slot: Slot) -> None:
         slot.in_flight -= 1
+        self.coordinator.leased(slot.model.name, -1)
         slot.last_used = self.clock()
         if slot.in_flight == 0:
             slot.idle.set()
@@ -271,28 +284,40 @@ class Scheduler:
 
     def _step(self) -> None:
         now = self.clock()
+        self._held = {name: t for name, t in self._held.items() if t + HOLD_S > now}
         managed = {name: slot for name, slot in self.slots.items() if slot.managed}
-        views = {name: slot.view(now) for name, slot in managed.items()}
+        views = {name: self._view(slot, now) for name, slot in managed.items()}
         plan = decide(views, self.budget, self.config.batching, now)
         for name, slot in managed.items():
-            slot.admitting = name not in plan.drain and name not in self._evicting
+            slot.admitting = (name not in plan.drain and name not in self._evicting
+                              and not self._is_held(name, now))
         for name in plan.admit:
             self._admit_all(self.slots[name], now)
         for slot in self.slots.values():
             if not slot.managed:
                 self._admit_all(slot, now)  # always on: only its concurrency limit holds it
         expired = self._idle_expired(now)
-        self._wake_at = min((t for t in (plan.wake_at, self._next_expiry(now)) if t is not None),
-                            default=None)
+        self._wake_at = min((t for t in (plan.wake_at, self._next_expiry(now),
+                                         *(t + HOLD_S for t in self._held.values()))
+                            if t is not None), default=None)
         if self._swapping:
             return
         if plan.evict or plan.load:
             self._record(plan, views)
             self._begin_swap(plan.evict)
-            self._spawn(self._swap(plan.evict, plan.load))
+            self._spawn(self._swap(plan.evict, plan.load, self._surprises))
         elif expired:
             self._begin_swap(expired)
-            self._spawn(self._swap(expired, None, reason="idle ttl"))
+            self._spawn(self._swap(expired, None, self._surprises, reason="idle ttl"))
+
+    def _view(self, slot: Slot, now: float) -> ModelView:
+        """A held model is being unloaded, as far as the policy is concerned: no swap meanwhile."""
+        view = slot.view(now)
+        held = view.state is State.LOADED and self._is_held(view.name, now)
+        return replace(view, state=State.UNLOADING) if held else view
+
+    def _is_held(self, name: str, now: float) -> bool:
+        return self._held.get(name, -math.inf) + HOLD_S > now
 
     def _begin_swap(self, victims: tuple[str, ...]) -> None:
         """From the decision on, victims admit nothing, so none is busy when its turn comes."""
@@ -343,9 +368,14 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _swap(self, evict: tuple[str, ...], load: str | None, reason: str = "") -> None:
+    async def _swap(self, evict: tuple[str, ...], load: str | None, surprises: int,
+                    reason: str = "") -> None:
         try:
-            async with self._swap_lock:
+            async with self._exclusive([*evict, *([load] if load else [])], surprises) as ready:
+                if not ready:
+                    log.info("scheduler.swap_deferred", load=load, evict=evict,
+                             reason="backend busy or changed by another replica")
+                    return
                 for name in evict:
                     await self._unload(self.slots[name], reason)
                 still_resident = [n for n in evict if self.slots[n].residency.state is State.LOADED]
@@ -357,6 +387,24 @@ class Scheduler:
             self._swapping = False
             self._evicting.difference_update(evict)
             self.wake()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, models: Iterable[str], surprises: int) -> AsyncIterator[bool]:
+        """The right to load and unload these models' backends; False if the plan is stale.
+
+        Another replica may have swapped since the plan was made (`surprises` then): its truth
+        comes first, and a changed backend means deciding again rather than loading twice or
+        over the budget.
+        """
+        backends = {self.slots[name].model.backend for name in models}
+        async with self._swap_lock, self.coordinator.lock(
+                backends, self.config.swapper.model_swap_timeout) as locked:
+            try:
+                if locked and self.coordinator.shared:
+                    await self._reconcile(backends)
+                yield locked and self._surprises == surprises
+            finally:
+                await self.coordinator.changed(backends)
 
     async def _load(self, slot: Slot) -> None:
         r = slot.residency
@@ -382,6 +430,8 @@ class Scheduler:
         r = slot.residency
         if r.state is not State.LOADED or slot.in_flight:
             return
+        if not await self.coordinator.drain(r.model.backend, r.model.name, DRAIN_WAIT_S):
+            return  # others still serve it: it stays, and the swap is decided again
         r.begin_unload()
         log.info("model.unloading", model=r.model.name, reason=reason or None)
         try:
@@ -429,8 +479,8 @@ class Scheduler:
         slot.unload_requested = True
         try:
             await slot.idle.wait()
-            async with self._swap_lock:
-                if slot.in_flight == 0:
+            async with self._exclusive([name], self._surprises) as ready:
+                if ready and slot.in_flight == 0:
                     await self._unload(slot, "requested")
         finally:
             slot.unload_requested = False
@@ -440,20 +490,28 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         """Align the states with what each backend says it holds."""
+        await self._reconcile()
+
+    async def _reconcile(self, backends: set[str] | None = None) -> None:
+        """Reconcile these backends (all if None)."""
         for driver in {id(s.driver): s.driver for s in self.slots.values() if s.managed}.values():
-            slots = [s for s in self.slots.values() if s.driver is driver]
-            before = {id(s): s.residency.generation for s in slots}
-            try:
-                truth = await driver.resident()
-            except DriverError as exc:
-                log.warning("reconcile.failed", backend=driver.backend.name, error=str(exc))
-                continue
-            if truth is None:
-                continue
-            for slot in slots:
-                if slot.residency.generation == before[id(slot)]:
-                    self._align(slot, slot.model.name in truth)
+            if backends is None or driver.backend.name in backends:
+                await self._reconcile_driver(driver)
         self.wake()
+
+    async def _reconcile_driver(self, driver: Driver) -> None:
+        slots = [s for s in self.slots.values() if s.driver is driver]
+        before = {id(s): s.residency.generation for s in slots}
+        try:
+            truth = await driver.resident()
+        except DriverError as exc:
+            log.warning("reconcile.failed", backend=driver.backend.name, error=str(exc))
+            return
+        if truth is None:
+            return
+        for slot in slots:
+            if slot.residency.generation == before[id(slot)]:
+                self._align(slot, slot.model.name in truth)
 
     def _align(self, slot: Slot, resident: bool) -> None:
         r = slot.residency
@@ -463,6 +521,28 @@ class Scheduler:
         elif r.state in (State.UNLOADED, State.FAILED) and resident:
             r.found(self.clock(), time.time())
             log.info("model.found", model=r.model.name, reason="resident on the backend")
+        else:
+            return
+        self._surprises += 1
+
+    def _on_notice(self, notice: Notice) -> None:
+        """Another replica drains a model (hold it at once) or ended a swap (look again)."""
+        if notice.draining is None:
+            self._spawn(self._follow(notice.backend))
+        elif notice.draining in self.slots:
+            self._held[notice.draining] = self.clock()
+            self.slots[notice.draining].admitting = False
+            self.wake()
+
+    async def _follow(self, backend: str) -> None:
+        """Holds end only once the truth is in: a held model may be gone from the backend."""
+        noticed = self.clock()
+        await self._reconcile({backend})
+        for name, since in list(self._held.items()):
+            slot = self.slots.get(name)
+            if since <= noticed and (slot is None or slot.model.backend == backend):
+                self._held.pop(name, None)  # a hold noticed meanwhile is for the next swap
+        self.wake()
 
     def model_lost(self, name: str, reason: str) -> None:
         """A driver's report that a loaded model went away (its process crashed)."""
@@ -483,6 +563,7 @@ class Scheduler:
     async def start(self) -> None:
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.start(self.model_lost)
+        await self.coordinator.start(self._on_notice)
         await self.reconcile()
         self._spawn(self._run())
         self._spawn(self._reconcile_forever())
@@ -505,5 +586,6 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.coordinator.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.close()

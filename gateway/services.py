@@ -14,6 +14,7 @@ from gateway.calls import ApiCall
 from gateway.catalog import Catalog
 from gateway.coalescing import Coalescer
 from gateway.config import ConfigError, GatewayConfig, ModelConfig
+from gateway.coordination import Coordinator, LocalCoordinator, RedisCoordinator, replica_id
 from gateway.drivers import create_driver
 from gateway.drivers.base import Driver
 from gateway.embedding_batch import EmbeddingBatcher
@@ -45,7 +46,8 @@ class Services:
             name: create_driver(backend, self._models_of(name), self.upstreams)
             for name, backend in config.backends.items()
         }
-        self.scheduler = Scheduler(config, self.catalog, self.drivers)
+        self.scheduler = Scheduler(config, self.catalog, self.drivers,
+                                   coordinator=_coordinator(config))
         self.fallback = Fallback(lambda: self.catalog, self.scheduler, self.drivers, self.health)
         self.cache = ResponseCache(config.cache)
         self.metrics = Metrics(self.scheduler, self.cache)
@@ -124,3 +126,11 @@ class Services:
                                               self.proxy.renamer(call, lease.target))
         finally:
             lease.release()
+
+
+def _coordinator(config: GatewayConfig) -> Coordinator:
+    """Replicas coordinate their swaps through the cache's Redis; without it, one is assumed."""
+    url = config.cache.redis_url
+    if url is None:
+        return LocalCoordinator()
+    return RedisCoordinator(url, replica_id(), namespace=config.cache.namespace)

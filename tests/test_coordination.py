@@ -1,0 +1,78 @@
+"""RedisCoordinator against a real Redis: the lock, in-flight counts, notices."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.coordination import Notice, RedisCoordinator
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+@pytest.fixture
+async def pair(redis_url: str) -> AsyncIterator[tuple[RedisCoordinator, RedisCoordinator]]:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    one, two = (RedisCoordinator(redis_url, name, namespace) for name in ("one", "two"))
+    yield one, two
+    for coordinator in (one, two):
+        await coordinator.close()
+
+
+async def test_the_lock_admits_one_replica_and_bounds_the_wait(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    one, two = pair
+    async with one.lock(["ollama"], wait_s=1) as got:
+        assert got
+        async with two.lock(["ollama"], wait_s=0.2) as also:
+            assert not also
+    async with two.lock(["ollama"], wait_s=1) as got:
+        assert got  # released by its holder
+
+
+async def test_in_flight_elsewhere_counts_live_replicas_only(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    one, two = pair
+    notices: list[Notice] = []
+    await one.start(notices.append)
+    await two.start(notices.append)
+    two.leased("a", 1)
+    two.leased("a", 1)
+    two.leased("a", -1)
+
+    async def counted() -> bool:
+        return await one.in_flight_elsewhere("a") == 1
+
+    await _eventually(counted)
+    assert await two.in_flight_elsewhere("a") == 0  # its own requests are not "elsewhere"
+    await two.close()  # its heartbeat goes: its count no longer holds a swap back
+    assert await one.in_flight_elsewhere("a") == 0
+
+
+async def test_notices_reach_the_other_replicas(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    one, two = pair
+    heard: dict[str, list[Notice]] = {"one": [], "two": []}
+    await one.start(heard["one"].append)
+    await two.start(heard["two"].append)
+
+    async def announced() -> bool:
+        await one.changed(["ollama"])  # until two's subscription is up
+        return bool(heard["two"])
+
+    async def heard_draining() -> bool:
+        return Notice("ollama", "a") in heard["two"]
+
+    await _eventually(announced)
+    assert await one.drain("ollama", "a", wait_s=1)
+    await _eventually(heard_draining)
+    assert heard["one"] == []  # a replica does not hear itself
