@@ -17,12 +17,13 @@ from starlette.responses import Response
 
 from gateway.admin_api import AdminApi
 from gateway.auth import AuthMiddleware
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.discovery import discover_ollama_models
 from gateway.errors import GatewayError
-from gateway.logs import AccessLog
+from gateway.logs import AccessLog, configure_logging
 from gateway.openai_api import OpenAIApi
 from gateway.relay import ClientGone
-from gateway.reload import Loader
+from gateway.reload import Loader, file_loader
 from gateway.request_limits import HeaderLimit
 from gateway.services import Services
 from gateway.swapper_api import SwapperApi
@@ -113,3 +114,11 @@ def create_app(config: GatewayConfig, services: Services | None = None,
     )
     app.state.services = services
     return app
+
+
+def app_from_env() -> Starlette:
+    """The app of one worker among several (`serve --workers N`): its config file is named by
+    $SWAPPER_CONFIG_PATH, as the parent process found it."""
+    config = discover_ollama_models(load_config())
+    configure_logging(config.server.log_level)
+    return create_app(config, loader=file_loader(config.source))

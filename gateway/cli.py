@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from typing import Any
 
 import httpx
 import uvicorn
@@ -28,19 +30,40 @@ def _load(path: str | None) -> GatewayConfig:
 def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     configure_logging(config.server.log_level)
+    options: dict[str, Any] = {
+        "host": args.host or config.server.host, "port": args.port or config.server.port,
+        "log_level": "warning", "access_log": False, "loop": "auto", "http": "auto",
+        "timeout_graceful_shutdown": int(config.server.shutdown_grace_s),
+    }
+    if args.workers > 1:
+        return _serve_workers(config, args.workers, options)
     config = discover_ollama_models(config)
     loader = file_loader(config.source) if config.source != "<defaults>" else None
-    uvicorn.run(
-        create_app(config, loader=loader),
-        host=args.host or config.server.host,
-        port=args.port or config.server.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
-        loop="auto",
-        http="auto",
-    )
+    uvicorn.run(create_app(config, loader=loader), **options)
     return 0
+
+
+def _serve_workers(config: GatewayConfig, workers: int, options: dict[str, Any]) -> int:
+    """Several worker processes are several replicas: they need Redis to coordinate, and a
+    `process` backend's servers would be started once per worker."""
+    refusal = workers_refusal(config)
+    if refusal:
+        print(f"swapper-gateway: --workers {workers}: {refusal}", file=sys.stderr)
+        return 2
+    if config.source != "<defaults>":
+        os.environ["SWAPPER_CONFIG_PATH"] = config.source
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="swapper-metrics-"))
+    uvicorn.run("gateway.app:app_from_env", factory=True, workers=workers, **options)
+    return 0
+
+
+def workers_refusal(config: GatewayConfig) -> str | None:
+    if not config.cache.redis_url:
+        return "several workers coordinate through Redis: set cache.redis_url"
+    process = sorted(b.name for b in config.backends.values() if b.kind == "process")
+    if process:
+        return f"backends {', '.join(process)} start one server per worker; run one worker"
+    return None
 
 
 def reload(args: argparse.Namespace) -> int:
@@ -80,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
                                       "./swapper_config.yaml, or built-in defaults)")
     run.add_argument("--host", help="bind address (default from config: 0.0.0.0)")
     run.add_argument("--port", type=int, help="port (default from config: 8890)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes (default 1; more need cache.redis_url)")
     run.set_defaults(func=serve)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", help="config file (default as for serve)")

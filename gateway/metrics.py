@@ -3,12 +3,14 @@ per-request figures recorded as each answer ends (status, durations, tokens, err
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.response_cache import ResponseCache
 from gateway.scheduler import Scheduler
@@ -20,7 +22,7 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class RequestMetrics:
     """Figures recorded when an API request's answer ends (fed by the access log)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
         self.requests = Counter("swapper_model_requests", "API requests by model and status",
                                 ["model", "status"], registry=registry)
         self.duration = Histogram("swapper_request_duration_seconds", "Whole answer",
@@ -59,7 +61,13 @@ class Metrics:
     def __init__(self, scheduler: Scheduler, cache: ResponseCache) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(scheduler, cache))  # type: ignore[arg-type]
-        self.requests = RequestMetrics(self.registry)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several workers: per-request figures go to shared files and every scrape, whichever
+            # worker answers it, adds them up. The live state is the answering worker's view.
+            MultiProcessCollector(self.registry)
+            self.requests = RequestMetrics(None)
+        else:
+            self.requests = RequestMetrics(self.registry)
 
 
 class GatewayCollector:
