@@ -200,7 +200,8 @@ class OpenAIApi:
         headers = {**SSE_HEADERS, "x-cache": exchange.ticket.header}
         if isinstance(ticket, Waiter):
             # Answer at once and keep the client company while the model loads.
-            return RelayResponse(self.stream_after_wait(exchange, ticket), headers=headers)
+            return RelayResponse(self.stream_after_wait(exchange, ticket), headers=headers,
+                                 on_close=lambda: self.gone_while_waiting(exchange, ticket))
         proxy, call, target = self.services.proxy, exchange.call, ticket.target
         try:
             response = await until_disconnect(exchange.request.receive, proxy.open(
@@ -214,7 +215,8 @@ class OpenAIApi:
             ticket.release()
             raise
         headers["content-type"] = response.headers.get("content-type", headers["content-type"])
-        return RelayResponse(self.relay(exchange, response, ticket), headers=headers)
+        return RelayResponse(self.relay(exchange, response, ticket), headers=headers,
+                             on_close=lambda: _end(exchange, ticket, response))
 
     # -- streams that start before their answer is ready ------------------------------------
 
@@ -271,6 +273,11 @@ class OpenAIApi:
             return
         async for chunk in self.relay(exchange, response, lease):
             yield chunk
+
+    def gone_while_waiting(self, exchange: Exchange, waiter: Waiter) -> None:
+        """Whatever the waiting stream got to, nothing it held outlives it."""
+        self.services.scheduler.abandon(waiter)
+        exchange.settle(None)
 
     async def relay(self, exchange: Exchange, response: ClientResponse,
                     lease: Lease) -> AsyncIterator[bytes]:
@@ -332,6 +339,14 @@ def _swap_timeout(request: Request) -> float | None:
         raise GatewayError(400, "X-Swap-Timeout must be a number of seconds between 0 and 86400.",
                            param="X-Swap-Timeout")
     return value
+
+
+def _end(exchange: Exchange, lease: Lease, response: ClientResponse) -> None:
+    """After a relayed stream, however it ended: all idempotent, so a relay that finished
+    normally (and released its connection to the pool) loses nothing here."""
+    response.close()
+    lease.release()
+    exchange.settle(None)
 
 
 async def _async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -56,12 +56,14 @@ class RelayResponse:
         body: AsyncIterator[bytes],
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
-        on_disconnect: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.body = body
         self.status_code = status_code
         self.headers = dict(SSE_HEADERS if headers is None else headers)
-        self.on_disconnect = on_disconnect
+        # Runs however the response ends, even if the body was never started (a client that
+        # left at once): a generator's own `finally` does not run then.
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
@@ -72,9 +74,9 @@ class RelayResponse:
             watcher.cancel()
             if not producer.done():
                 producer.cancel()
-                if self.on_disconnect:
-                    self.on_disconnect()
             await asyncio.gather(producer, watcher, return_exceptions=True)
+            if self.on_close is not None:
+                self.on_close()
 
     async def _produce(self, send: Send) -> None:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]

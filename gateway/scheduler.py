@@ -206,10 +206,10 @@ class Scheduler:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(waiter.future)
         except TimeoutError:
-            self._abandon(waiter)
+            self.abandon(waiter)
             raise swap_timeout(waiter.model, timeout_s) from None
         except asyncio.CancelledError:
-            self._abandon(waiter)
+            self.abandon(waiter)
             raise
 
     async def acquire(self, model: ModelConfig, timeout_s: float | None = None) -> Lease:
@@ -259,7 +259,8 @@ class Scheduler:
         if slot.in_flight == 0 or slot.queue:
             self.wake()
 
-    def _abandon(self, waiter: Waiter) -> None:
+    def abandon(self, waiter: Waiter) -> None:
+        """The waiter's client is gone: leave the queue, or give back a lease granted to it."""
         slot = self.slots[waiter.model]
         if waiter in slot.queue:
             slot.queue.remove(waiter)

@@ -10,9 +10,12 @@ What the gateway validates itself (gateway/calls.py) and what it leaves to the b
 - the endpoint's input (`messages`, `prompt`, `input`) present with the right type;
 - `stream` a boolean, `stream_options` an object, `n`, `max_tokens`, `max_completion_tokens`,
   `top_logprobs`, `temperature` and `top_p` typed and in range;
-- the body within `server.max_body_bytes` (413), whether announced by Content-Length or not;
+- the body within `server.max_body_bytes` (413), whether announced by Content-Length or not,
+  and received within `server.body_timeout_s` (408);
+- the headers within `server.max_header_bytes` (431);
 - `X-Swap-Timeout` a number of seconds in (0, 86400); a malformed `X-Request-ID` is replaced.
-Message contents, tools and every other sampling field are the backend's to judge.
+Message contents, tools and every other sampling field are the backend's to judge, and its own
+4xx reaches the client in OpenAI's vocabulary. docs/validation.md has the reasons.
 
 Requests broken below HTTP (bad framing, bad header syntax) are refused by uvicorn with its own
 plain-text 400 before the app sees them; those cases only check the status and that the gateway

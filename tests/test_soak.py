@@ -180,4 +180,4 @@ def test_soak_three_models_single_active(start_server: Any, start_gateway: Any,
     assert after.upstream_idle <= CONCURRENCY + 1  # one pool's worth, plus the driver's call
     assert after.fds - before.fds <= 2 * CONCURRENCY  # both ends of each pooled connection
     assert after.rss_mb - before.rss_mb <= MAX_RSS_GROWTH_MB
-    # Peaks above one model's 4 GB come from hung-up streams: test_faults.py has the xfail.
+    assert state.max_loaded_bytes <= 4 * 10**9  # single-active: one 4 GB model at a time
