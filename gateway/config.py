@@ -118,6 +118,7 @@ class CacheConfig:
     max_memory_bytes: int = 64 * 1024 * 1024
     namespace: str = "swapper"
     enabled: bool = True
+    redis_timeout_s: float = 0.05  # one Redis call; slower counts as Redis being down
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ def _cache(reader: _Reader, data: Mapping[str, Any]) -> CacheConfig:
         max_memory_bytes=reader.get(section, "max_memory_bytes", "cache", int, d.max_memory_bytes),
         namespace=reader.get(section, "namespace", "cache", str, d.namespace),
         enabled=reader.get(section, "enabled", "cache", bool, d.enabled),
+        redis_timeout_s=reader.get(section, "redis_timeout_s", "cache", float, d.redis_timeout_s),
     )
 
 

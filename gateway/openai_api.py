@@ -8,6 +8,7 @@ scheduler (queueing while the model loads) → proxy to the backend → relay, t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -271,8 +272,9 @@ class OpenAIApi:
                 raise
             yield exc.sse_event()
             return
-        async for chunk in self.relay(exchange, response, lease):
-            yield chunk
+        async with contextlib.aclosing(self.relay(exchange, response, lease)) as chunks:
+            async for chunk in chunks:  # closed at once if our own client leaves
+                yield chunk
 
     def gone_while_waiting(self, exchange: Exchange, waiter: Waiter) -> None:
         """Whatever the waiting stream got to, nothing it held outlives it."""

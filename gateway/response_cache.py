@@ -44,7 +44,8 @@ class ResponseCache:
     def __init__(self, config: CacheConfig, store: CacheStore | None = None) -> None:
         self.config = config
         self.store = store or open_store(
-            config.redis_url, config.max_memory_bytes, max_entry_bytes=config.max_entry_bytes
+            config.redis_url, config.max_memory_bytes, max_entry_bytes=config.max_entry_bytes,
+            timeout_s=config.redis_timeout_s,
         )
         self._writes: set[asyncio.Task[None]] = set()
         self.outcomes: Counter[str] = Counter()  # HIT / MISS / BYPASS, as told to clients
