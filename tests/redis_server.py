@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 _SHARED_PORT = 6379
 _SHARED_DB = 15  # a db of its own, so flushing it spares whatever else uses the local Redis
@@ -66,12 +66,7 @@ class RedisServer:
         if process is None or process.poll() is not None:
             return
         os.kill(process.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=5)
 
     def pause(self) -> None:
         """Freeze the server: connections stay open but nothing answers (a hung Redis)."""

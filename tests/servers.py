@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,3 +97,13 @@ def reaped(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`; always reaped."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -18,7 +18,7 @@ from gateway.config import load_config
 from gateway.reload import file_loader
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "sk-admin-reload"
@@ -167,5 +167,4 @@ def test_sighup_and_the_cli_reload_a_running_gateway(tmp_path: Path, start_serve
         assert refused.returncode == 1 and "invalid YAML" in refused.stderr
         assert models() == {"m2"}
     finally:
-        gateway.terminate()
-        gateway.wait(20)
+        stop_process(gateway, grace_s=20)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.emulators import ollama as ollama_emulator
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1024**3
@@ -49,12 +49,7 @@ def _replica(config: Path, log: Path) -> Iterator[str]:
         wait_until(lambda: _ready(url), timeout=20, message="replica ready")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     assert "Traceback" not in log.read_text()
 
 

@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,8 +74,7 @@ def test_metrics_add_up_across_workers(tmp_path: Path, start_server: Any,
         writers = {f.stem.rsplit("_", 1)[-1] for f in metrics_dir.glob("counter_*.db")}
         assert len(writers) == 2  # both workers served, and the scrapes added them up
     finally:
-        gateway.terminate()
-        gateway.wait(30)
+        stop_process(gateway, grace_s=30)
 
 
 def emulator_requests(server: Any) -> int:
