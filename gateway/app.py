@@ -15,19 +15,19 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway.admin_api import AdminApi
-from gateway.auth import AuthMiddleware
-from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.discovery import discover_ollama_models
+from gateway.access.auth import AuthMiddleware
+from gateway.access.request_limits import HeaderLimit
+from gateway.config.discovery import discover_ollama_models
+from gateway.config.reload import Loader, file_loader
+from gateway.config.schema import ConfigError, GatewayConfig, load_config
 from gateway.errors import GatewayError
+from gateway.fronts.admin import AdminApi
+from gateway.fronts.openai import OpenAIApi
+from gateway.fronts.swapper import SwapperApi
+from gateway.fronts.ui import ui_routes
 from gateway.logs import AccessLog, configure_logging
-from gateway.openai_api import OpenAIApi
-from gateway.relay import ClientGone
-from gateway.reload import Loader, file_loader
-from gateway.request_limits import HeaderLimit
+from gateway.relay.stream import ClientGone
 from gateway.services import Services
-from gateway.swapper_api import SwapperApi
-from gateway.ui import ui_routes
 
 log = structlog.get_logger("gateway")
 

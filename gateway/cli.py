@@ -12,11 +12,11 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
+from gateway.config.discovery import discover_ollama_models
+from gateway.config.reload import file_loader
+from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_DIR, run_demo
-from gateway.discovery import discover_ollama_models
 from gateway.logs import configure_logging
-from gateway.reload import file_loader
 
 
 def _load(path: str | None) -> GatewayConfig:

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-
-from gateway.relay import Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 Observer = Callable[[dict[str, Any], dict[str, Any]], None]  # (request state, log record)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

@@ -12,8 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.response_cache import ResponseCache
-from gateway.scheduler import Scheduler
+from gateway.cache.responses import ResponseCache
+from gateway.residency.scheduler import Scheduler
 from policies.types import State
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

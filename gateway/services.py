@@ -8,23 +8,28 @@ from typing import Any
 
 import structlog
 
-from gateway.auth import KeyRing
-from gateway.backend_health import BackendHealth
-from gateway.calls import ApiCall
-from gateway.catalog import Catalog
-from gateway.coalescing import Coalescer
-from gateway.config import ConfigError, GatewayConfig, ModelConfig
-from gateway.coordination import Coordinator, LocalCoordinator, RedisCoordinator, replica_id
-from gateway.drivers import create_driver
-from gateway.drivers.base import Driver
-from gateway.embedding_batch import EmbeddingBatcher
-from gateway.fallback import Fallback
+from gateway.access.auth import KeyRing
+from gateway.cache.responses import ResponseCache
+from gateway.calls.coalescing import Coalescer
+from gateway.calls.embedding_batch import EmbeddingBatcher
+from gateway.calls.parse import ApiCall
+from gateway.config.catalog import Catalog
+from gateway.config.reload import Loader, checked
+from gateway.config.schema import ConfigError, GatewayConfig, ModelConfig
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
-from gateway.reload import Loader, checked
-from gateway.response_cache import ResponseCache
-from gateway.scheduler import Scheduler
-from gateway.upstream import Upstreams
+from gateway.relay.proxy import Proxy
+from gateway.relay.upstream import Upstreams
+from gateway.residency.backend_health import BackendHealth
+from gateway.residency.coordination import (
+    Coordinator,
+    LocalCoordinator,
+    RedisCoordinator,
+    replica_id,
+)
+from gateway.residency.drivers import create_driver
+from gateway.residency.drivers.base import Driver
+from gateway.residency.fallback import Fallback
+from gateway.residency.scheduler import Scheduler
 
 log = structlog.get_logger("gateway")
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.config import ConfigError, parse_config
+from gateway.config.schema import ConfigError, parse_config
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import wait_until
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.cache_store import MemoryStore, RedisStore, open_store
+from gateway.cache.store import MemoryStore, RedisStore, open_store
 from policies.caching import cache_key, key_prefix
 from tests.redis_server import RedisServer, own_redis, redis_url
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config
+from gateway.config.schema import ConfigError, load_config, parse_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

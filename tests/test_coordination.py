@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.coordination import Notice, RedisCoordinator
+from gateway.residency.coordination import Notice, RedisCoordinator
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5) -> None:

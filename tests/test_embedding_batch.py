@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.embedding_batch import apportion
+from gateway.calls.embedding_batch import apportion
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import wait_until
 

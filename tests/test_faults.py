@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.relay import Receive, Scope, Send
+from gateway.relay.stream import Receive, Scope, Send
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 from tests.redis_server import RedisServer

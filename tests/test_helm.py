@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
-from gateway.config import GatewayConfig, parse_config
+from gateway.config.schema import GatewayConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "swapper-gateway"

@@ -18,10 +18,10 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from gateway.config import BackendConfig, ModelConfig
-from gateway.drivers import process
-from gateway.drivers.base import DriverError
-from gateway.drivers.process import ProcessDriver
+from gateway.config.schema import BackendConfig, ModelConfig
+from gateway.residency.drivers import process
+from gateway.residency.drivers.base import DriverError
+from gateway.residency.drivers.process import ProcessDriver
 from tests.servers import reaped
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.relay import ModelRenamer, RelayResponse
+from gateway.relay.stream import ModelRenamer, RelayResponse
 
 
 async def test_cleanup_runs_when_the_client_leaves_before_the_body_starts() -> None:

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from gateway.app import create_app
-from gateway.config import load_config
-from gateway.reload import file_loader
+from gateway.config.reload import file_loader
+from gateway.config.schema import load_config
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import free_port, stop_process, wait_until

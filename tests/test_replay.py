@@ -12,7 +12,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from gateway.replay import (
+from gateway.cache.replay import (
     SseAccumulator,
     dumps_record,
     loads_record,

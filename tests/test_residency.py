@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import ModelConfig
-from gateway.residency import InvalidTransition, Residency
+from gateway.config.schema import ModelConfig
+from gateway.residency.state import InvalidTransition, Residency
 from policies.types import State
 
 

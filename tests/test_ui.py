@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.config import parse_config
-from gateway.ui import ui_routes
+from gateway.config.schema import parse_config
+from gateway.fronts.ui import ui_routes
 from tests.emulators import ollama as ollama_emulator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.usage import Usage, UsageScanner, usage_of
+from gateway.relay.usage import Usage, UsageScanner, usage_of
 
 STREAM = (
     b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'

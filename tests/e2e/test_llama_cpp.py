@@ -15,10 +15,10 @@ import pytest
 from openai import OpenAI
 from openai.types import CompletionUsage
 
-from gateway.config import BackendConfig, ModelConfig
-from gateway.drivers.base import DriverError
-from gateway.drivers.llama_router import LlamaRouterDriver
-from gateway.upstream import Upstreams
+from gateway.config.schema import BackendConfig, ModelConfig
+from gateway.relay.upstream import Upstreams
+from gateway.residency.drivers.base import DriverError
+from gateway.residency.drivers.llama_router import LlamaRouterDriver
 from tests.e2e.conftest import CHAT_A, CHAT_B, EMBED, NO_WINDOW, Router, gateway_config
 from tests.servers import ServerThread, wait_until
 

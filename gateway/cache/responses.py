@@ -1,0 +1,124 @@
+"""The response cache in the request path: look up before the scheduler, store complete answers.
+
+A hit never reaches the scheduler, so it never loads a model nor touches a backend. A stored
+completion is one record, replayed as JSON or as an OpenAI stream, whichever the client asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.cache.replay import (
+    Record,
+    SseAccumulator,
+    dumps_record,
+    loads_record,
+    record_from_json,
+    render_json,
+    render_sse,
+)
+from gateway.cache.store import CacheStore, open_store
+from gateway.calls.parse import ApiCall
+from gateway.config.schema import CacheConfig, ModelConfig
+from policies.caching import CacheDecision, cache_decision, cache_key, key_prefix
+
+log = structlog.get_logger("gateway.cache")
+
+
+@dataclass(frozen=True)
+class CacheTicket:
+    decision: CacheDecision
+    key: str
+
+    @property
+    def header(self) -> str:
+        return "BYPASS" if self.decision.bypass else "MISS"
+
+
+class ResponseCache:
+    def __init__(self, config: CacheConfig, store: CacheStore | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(
+            config.redis_url, config.max_memory_bytes, max_entry_bytes=config.max_entry_bytes,
+            timeout_s=config.redis_timeout_s,
+        )
+        self._writes: set[asyncio.Task[None]] = set()
+        self.outcomes: Counter[str] = Counter()  # HIT / MISS / BYPASS, as told to clients
+
+    def ticket(self, call: ApiCall, model: ModelConfig, headers: Mapping[str, str],
+               tenant: str | None) -> CacheTicket:
+        decision = cache_decision(
+            call.endpoint, call.body, headers,
+            model_enabled=self.config.enabled and model.cache_enabled,
+            default_ttl_s=self.config.ttl_s,
+        )
+        if decision.bypass:
+            self.outcomes["BYPASS"] += 1
+        key = "" if decision.bypass else cache_key(
+            model=model.name, endpoint=call.endpoint, body=call.body,
+            tenant=None if model.cache_shared else tenant, namespace=self.config.namespace,
+        )
+        return CacheTicket(decision, key)
+
+    async def lookup(self, ticket: CacheTicket) -> Record | None:
+        record = None
+        if ticket.decision.read:
+            value = await self.store.get(ticket.key)
+            record = loads_record(value) if value is not None else None
+        if not ticket.decision.bypass:
+            self.outcomes["HIT" if record is not None else "MISS"] += 1
+        return record
+
+    def replay(self, call: ApiCall, record: Record) -> bytes | Iterator[bytes]:
+        """The stored answer as the client asked for it: JSON bytes or SSE events."""
+        if "model" in record:
+            record = {**record, "model": call.model}
+        if call.stream and call.endpoint != "embeddings":
+            return render_sse(record, include_usage=call.include_usage)
+        return render_json(record)
+
+    def store_json(self, ticket: CacheTicket, call: ApiCall, body: bytes) -> Record | None:
+        """Store a complete JSON answer; the record stored, if any."""
+        if not ticket.decision.write:
+            return None
+        record = record_from_json(call.endpoint, body)
+        if record is not None:
+            self._write(ticket, record)
+        return record
+
+    async def tee(self, ticket: CacheTicket, call: ApiCall, chunks: AsyncIterator[bytes],
+                  on_record: Callable[[Record | None], None]) -> AsyncIterator[bytes]:
+        """Relay `chunks` unchanged; store the answer only if the stream completed, and hand
+        the record (or None) to `on_record`."""
+        accumulator = SseAccumulator(call.endpoint)
+        completed = False
+        try:
+            async for chunk in chunks:
+                accumulator.feed(chunk)
+                yield chunk
+            completed = True
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        record = accumulator.result() if completed else None
+        if record is not None:
+            self._write(ticket, record)
+        on_record(record)
+
+    def _write(self, ticket: CacheTicket, record: Record) -> None:
+        task = asyncio.create_task(
+            self.store.set(ticket.key, dumps_record(record), ticket.decision.ttl_s))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def purge(self, model: str | None = None) -> int:
+        return await self.store.purge(key_prefix(self.config.namespace, model))
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=2)
+        await self.store.close()

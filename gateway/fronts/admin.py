@@ -1,0 +1,40 @@
+"""Operator endpoints beyond the old Swapper API: cache purge, config reload."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.config.schema import ConfigError
+from gateway.errors import GatewayError
+from gateway.services import Services
+
+
+class AdminApi:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/cache", self.purge_cache, methods=["DELETE"]),
+            Route("/admin/reload", self.reload, methods=["POST"]),
+        ]
+
+    async def reload(self, request: Request) -> Response:
+        """Re-read the config file; a bad or unsafe one is refused (400) and the old one kept."""
+        try:
+            config = await self.services.reload()
+        except ConfigError as exc:
+            raise GatewayError(400, str(exc), code="config_refused") from None
+        body = {"status": "success", "source": config.source, "models": list(config.models)}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def purge_cache(self, request: Request) -> Response:
+        """DELETE /cache purges everything; DELETE /cache?model=NAME one model's entries."""
+        name = request.query_params.get("model")
+        model = self.services.catalog.resolve(name).name if name else None
+        removed = await self.services.cache.purge(model)
+        body = {"status": "success", "model": model, "removed": removed}
+        return Response(orjson.dumps(body), media_type="application/json")

@@ -1,0 +1,191 @@
+"""Forwarding one API call to its backend and turning every upstream failure into a GatewayError."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from gateway.calls.parse import ApiCall
+from gateway.config.schema import BackendConfig
+from gateway.errors import OPENAI_ERROR_TYPES, GatewayError
+from gateway.relay.stream import ModelRenamer
+from gateway.relay.upstream import Upstreams
+from gateway.residency.backend_health import BackendHealth
+
+# Request headers that belong to this hop (or to the gateway's own auth), never forwarded.
+_DROP_REQUEST_HEADERS = frozenset({
+    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+    "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "cookie",
+    "accept-encoding", "expect",
+})
+_DONE_MARKER = b"data: [DONE]"
+# Ollama reloads a model when a request asks for another context size; the gateway pins it at
+# load time (`num_ctx` in the model's config) and keeps requests from changing it.
+_OLLAMA_RELOADING_FIELDS = frozenset({"options", "num_ctx"})
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one call goes: the backend, its base URL right now, and its name for the model."""
+
+    backend: BackendConfig
+    base_url: str
+    served_name: str
+
+
+def upstream_headers(client_headers: Mapping[str, str], backend: BackendConfig,
+                     request_id: str) -> dict[str, str]:
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"  # relay bytes as they are; never re-encode
+    headers["x-request-id"] = request_id
+    if backend.api_key:
+        headers["authorization"] = f"Bearer {backend.api_key}"
+    return headers
+
+
+def backend_failure(backend: BackendConfig, exc: BaseException) -> GatewayError:
+    """The client-facing error for a failure to talk to `backend`."""
+    name = backend.name
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return GatewayError(502, f"Backend '{name}' is unreachable: {exc.os_error}",
+                            code="backend_unreachable")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return GatewayError(504, f"Backend '{name}' did not answer in time.",
+                            code="backend_timeout")
+    return GatewayError(502, f"Backend '{name}' failed: {type(exc).__name__}: {exc}",
+                        code="backend_error")
+
+
+def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> GatewayError:
+    """A backend's own 4xx/5xx, kept as it is when OpenAI-shaped, re-wrapped otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        # vLLM says type "BadRequestError" and code 400: keep to OpenAI's vocabulary.
+        kind = error.get("type")
+        code = error.get("code")
+        param = error.get("param")
+        return GatewayError(
+            status, error["message"], code=code if isinstance(code, str) else None,
+            param=param if isinstance(param, str) else None,
+            type=kind if kind in OPENAI_ERROR_TYPES else None,
+        )
+    text = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()
+    message = f"Backend '{backend.name}' answered {status}: {text[:2000] or '(empty body)'}"
+    return GatewayError(status, message, code="backend_error")
+
+
+def check_stream_answer(backend: BackendConfig, response: aiohttp.ClientResponse) -> None:
+    """A stream request's answer is SSE, or JSON from a backend that does not stream; anything
+    else (an HTML error page from a proxy in between, say) is not relayed."""
+    kind = response.content_type
+    if kind not in ("text/event-stream", "application/json"):
+        response.close()
+        raise GatewayError(502, f"Backend '{backend.name}' answered a stream request with "
+                                f"'{kind}'.", code="backend_invalid_response")
+
+
+class Proxy:
+    def __init__(self, upstreams: Upstreams, *, rename_models: bool = True,
+                 health: BackendHealth | None = None) -> None:
+        self.upstreams = upstreams
+        self.rename_models = rename_models
+        self.health = health or BackendHealth()
+
+    def renamer(self, call: ApiCall, target: Target) -> ModelRenamer | None:
+        if not self.rename_models or call.model == target.served_name:
+            return None
+        return ModelRenamer(target.served_name, call.model)
+
+    async def open(self, call: ApiCall, target: Target, headers: Mapping[str, str],
+                   request_id: str) -> aiohttp.ClientResponse:
+        """Send the call; a non-2xx answer is read and raised as a GatewayError."""
+        session = self.upstreams.session(target.backend.name)
+        url = f"{target.base_url}/v1/{call.endpoint}"
+        drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
+        body = call.body_for(target.served_name, drop)
+        sent_headers = upstream_headers(headers, target.backend, request_id)
+        try:
+            response = await self._send(session, url, body, sent_headers, target.backend)
+        except GatewayError as error:
+            self.health.failed(target.backend.name,
+                               unreachable=error.code == "backend_unreachable")
+            raise
+        if response.status >= 500:
+            self.health.failed(target.backend.name)
+        else:
+            self.health.ok(target.backend.name)
+        if response.status >= 400:
+            try:
+                body = await response.content.read(_ERROR_BODY_LIMIT)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise backend_failure(target.backend, exc) from exc
+            finally:
+                response.close()
+            raise wrap_backend_error(target.backend, response.status, body)
+        return response
+
+    @staticmethod
+    async def _send(session: aiohttp.ClientSession, url: str, body: bytes,
+                    headers: Mapping[str, str], backend: BackendConfig) -> aiohttp.ClientResponse:
+        for attempt in (1, 2):
+            try:
+                return await session.post(url, data=body, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled connection the backend had closed fails before any answer: once,
+                # the same request goes again on a fresh connection.
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise backend_failure(backend, exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise backend_failure(backend, exc) from exc
+        raise AssertionError("unreachable")
+
+    async def read_json(self, response: aiohttp.ClientResponse, target: Target,
+                        renamer: ModelRenamer | None) -> bytes:
+        """The whole JSON answer, checked to be JSON and renamed."""
+        try:
+            body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            response.close()
+            raise backend_failure(target.backend, exc) from exc
+        except BaseException:
+            response.close()  # cancelled (client gone): drop the connection, stop the backend
+            raise
+        response.release()
+        if body.lstrip()[:1] not in (b"{", b"["):
+            raise GatewayError(502, f"Backend '{target.backend.name}' returned a non-JSON answer.",
+                               code="backend_invalid_response")
+        return renamer.rename(body) if renamer else body
+
+    async def iter_stream(self, call: ApiCall, response: aiohttp.ClientResponse, target: Target,
+                          renamer: ModelRenamer | None) -> AsyncIterator[bytes]:
+        """Upstream SSE bytes as they arrive; a failure midway ends as one SSE error event."""
+        tail = b""
+        complete = False
+        try:
+            async for chunk in response.content.iter_any():
+                tail = (tail + chunk)[-64:]
+                yield renamer.feed(chunk) if renamer else chunk
+            if renamer:
+                yield renamer.flush()
+            complete = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            yield backend_failure(target.backend, exc).sse_event()
+        finally:
+            if complete:
+                response.release()
+            else:
+                response.close()  # drop the connection so the backend stops generating
+        if complete and call.endpoint in ("chat/completions", "completions") \
+                and _DONE_MARKER not in tail:
+            message = f"Backend '{target.backend.name}' ended the stream before it was complete."
+            yield GatewayError(502, message, code="backend_stream_incomplete").sse_event()
+

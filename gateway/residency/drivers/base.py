@@ -1,0 +1,44 @@
+"""The small protocol every driver implements; the scheduler never knows which one it holds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.config.schema import BackendConfig, ModelConfig
+
+
+class DriverError(Exception):
+    """A load, unload or health check failed; the message says why, for users and logs."""
+
+
+# Called by a driver when a model it had loaded went away by itself (crash, backend eviction).
+LostCallback = Callable[[str, str], None]  # (model name, reason)
+
+
+class Driver(Protocol):
+    backend: BackendConfig
+    models: list[ModelConfig]  # the backend's models; a reload may replace the list
+    # False for backends someone else runs: their models are always on and outside the budget.
+    manages_residency: bool
+
+    async def start(self, on_lost: LostCallback) -> None:
+        """Open what the driver needs; `on_lost` reports models that vanish by themselves."""
+
+    async def load(self, model: ModelConfig) -> None:
+        """Make `model` ready to serve; raise DriverError if it cannot be."""
+
+    async def unload(self, model: ModelConfig) -> None:
+        """Free `model`'s memory; raise DriverError if that failed."""
+
+    async def resident(self) -> set[str] | None:
+        """Names (model.name) the backend itself says are loaded; None if it cannot tell."""
+
+    def url_for(self, model: ModelConfig) -> str:
+        """The base URL (without /v1) that serves `model` right now."""
+
+    async def health(self) -> bool:
+        """Whether the backend answers at all."""
+
+    async def close(self) -> None:
+        """Release everything; a process driver stops the processes it started."""

@@ -1,0 +1,25 @@
+"""`vllm-sleep`: a vLLM server started with sleep mode; `POST /wake_up` loads,
+`POST /sleep?level=1` unloads, `GET /is_sleeping` is the truth."""
+
+from __future__ import annotations
+
+from gateway.config.schema import ModelConfig
+from gateway.residency.drivers.base import DriverError
+from gateway.residency.drivers.http import HttpDriver, answers, call
+
+
+class VllmSleepDriver(HttpDriver):
+    async def load(self, model: ModelConfig) -> None:
+        await call(self._session, "POST", f"{self.base_url}/wake_up")
+
+    async def unload(self, model: ModelConfig) -> None:
+        await call(self._session, "POST", f"{self.base_url}/sleep?level=1")
+
+    async def resident(self) -> set[str] | None:
+        answer = await call(self._session, "GET", f"{self.base_url}/is_sleeping", limit_s=10)
+        if not isinstance(answer, dict) or "is_sleeping" not in answer:
+            raise DriverError(f"vLLM's /is_sleeping gave an unexpected answer: {answer!r:.200}")
+        return set() if answer["is_sleeping"] else {model.name for model in self.models}
+
+    async def health(self) -> bool:
+        return await answers(self._session, f"{self.base_url}/health")

@@ -1,0 +1,107 @@
+"""One model's residency as an explicit state machine, with the counters the Swapper API shows.
+
+    unloaded ──begin_load──► loading ──loaded──► loaded ──begin_unload──► unloading ──unloaded──►
+        ▲                       └──load_failed──► failed ──begin_load──► loading
+        └──────── lost (backend evicted it) ◄── loaded ──crashed──► failed (reload on next request)
+
+Times are passed in (monotonic for durations, wall clock for what users read), so the machine
+itself has no clock and no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config.schema import ModelConfig
+from policies.types import State
+
+_BACKOFF_FIRST_S = 5.0
+_BACKOFF_MAX_S = 300.0
+
+
+class InvalidTransition(RuntimeError):
+    """A transition asked for from a state it does not start in: a bug in the caller."""
+
+
+@dataclass
+class Residency:
+    model: ModelConfig
+    state: State = State.UNLOADED
+    loaded_at: float | None = None  # wall clock, for users
+    unloaded_at: float | None = None  # wall clock
+    loaded_since: float | None = None  # monotonic, for uptime
+    total_uptime_s: float = 0.0  # completed residencies
+    load_started: float | None = None  # monotonic
+    load_count: int = 0
+    last_load_s: float | None = None
+    error: str | None = None
+    retry_at: float | None = None  # monotonic; a failed model is not loaded before this
+    failures: int = 0
+    generation: int = 0  # bumped on every transition, so async observers can detect change
+
+    def _move(self, expected: tuple[State, ...], to: State) -> None:
+        if self.state not in expected:
+            raise InvalidTransition(f"{self.model.name}: {self.state} -> {to}")
+        self.state = to
+        self.generation += 1
+
+    def begin_load(self, now: float) -> None:
+        self._move((State.UNLOADED, State.FAILED), State.LOADING)
+        self.load_started = now
+
+    def loaded(self, now: float, wall: float) -> None:
+        self._move((State.LOADING,), State.LOADED)
+        self.last_load_s = now - (self.load_started or now)
+        self.load_count += 1
+        self.failures = 0
+        self.error = self.retry_at = None
+        self._became_resident(now, wall)
+
+    def load_failed(self, now: float, error: str) -> None:
+        self._move((State.LOADING,), State.FAILED)
+        self.failures += 1
+        self.error = error
+        self.retry_at = now + min(_BACKOFF_FIRST_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S)
+
+    def begin_unload(self) -> None:
+        self._move((State.LOADED,), State.UNLOADING)
+
+    def unloaded(self, now: float, wall: float) -> None:
+        self._move((State.UNLOADING,), State.UNLOADED)
+        self._left(now, wall)
+
+    def lost(self, now: float, wall: float) -> None:
+        """The backend no longer holds the model (it evicted it by itself)."""
+        self._move((State.LOADED,), State.UNLOADED)
+        self._left(now, wall)
+
+    def crashed(self, now: float, wall: float, reason: str) -> None:
+        """The model's process died; it may be loaded again at once."""
+        self._move((State.LOADED, State.UNLOADING), State.FAILED)
+        self._left(now, wall)
+        self.error = reason
+        self.retry_at = now
+
+    def found(self, now: float, wall: float) -> None:
+        """The backend holds the model although the gateway did not load it."""
+        self._move((State.UNLOADED, State.FAILED), State.LOADED)
+        self.error = self.retry_at = None
+        self._became_resident(now, wall)
+
+    def _became_resident(self, now: float, wall: float) -> None:
+        self.loaded_since = now
+        self.loaded_at = wall
+
+    def _left(self, now: float, wall: float) -> None:
+        if self.loaded_since is not None:
+            self.total_uptime_s += now - self.loaded_since
+        self.loaded_since = None
+        self.unloaded_at = wall
+
+    def uptime_s(self, now: float) -> float:
+        """Total time resident, the current residency included."""
+        current = now - self.loaded_since if self.loaded_since is not None else 0.0
+        return self.total_uptime_s + current
+
+    def may_load(self, now: float) -> bool:
+        return self.state is not State.FAILED or self.retry_at is None or now >= self.retry_at
