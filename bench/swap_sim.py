@@ -3,7 +3,9 @@
 A discrete-event simulation of one GPU box: requests arrive, wait in per-model queues, are served
 `slots` at a time by a loaded model, and models load one at a time (an unload first costs
 `unload_seconds`). On every instant with events the simulator builds the same ModelView snapshot
-the gateway builds, calls the policy, and executes the Plan the way the scheduler must.
+the gateway builds, calls the policy, and carries out the Plan with the executor the gateway's
+scheduler uses (`policies.execution`). Idle ttls and the back-off after a failed load are the
+policy's too, so traces with them replay the gateway's own rules.
 
     python bench/swap_sim.py [--seed N] [--requests N] [--window-ms MS] [--max-wait-ms MS]
                              [--min-residency-ms MS]
@@ -21,7 +23,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from policies.backoff import retry_delay
 from policies.eviction import fits_together
+from policies.execution import execute
 from policies.scheduling import decide, decide_fifo
 from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
@@ -38,6 +42,8 @@ class SimModel:
     load_seconds: float
     size_gb: float = 1.0
     priority: str = "normal"
+    ttl_s: float = 0.0  # unloaded after this long idle; 0 = never
+    failing_loads: int = 0  # its first loads fail (a backend still starting, say)
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,9 @@ class _Model:
     loaded_at: float | None = None
     last_used: float = -math.inf
     admitting: bool = True
+    loads_tried: int = 0
+    failures: int = 0  # in a row
+    retry_at: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +136,8 @@ class _Model:
             last_used=self.last_used,
             admitting=self.admitting,
             load_seconds=self.spec.load_seconds,
+            retry_at=self.retry_at if self.state is State.FAILED else None,
+            ttl_s=self.spec.ttl_s,
         )
 
 
@@ -150,6 +161,7 @@ class _Simulation:
         self.wakes: set[float] = set()
         self.clock = 0.0
         self.swaps = 0
+        self.failed_loads = 0
         self.waits: list[float] = []
         self.latencies: list[float] = []
         self.last_done = 0.0
@@ -183,10 +195,19 @@ class _Simulation:
         if request is not None:
             (self._arrive if kind == "arrive" else self._finish)(model, request)
         elif kind == "loaded":
-            model.state, model.loaded_at = State.LOADED, self.clock
-            self.swaps += 1
+            self._loaded(model)
         else:
             model.state, model.loaded_at = State.UNLOADED, None
+
+    def _loaded(self, model: _Model) -> None:
+        model.loads_tried += 1
+        if model.loads_tried <= model.spec.failing_loads:
+            model.failures += 1
+            model.state, model.retry_at = State.FAILED, self.clock + retry_delay(model.failures)
+            self.failed_loads += 1
+            return
+        model.state, model.loaded_at, model.failures = State.LOADED, self.clock, 0
+        self.swaps += 1
 
     def _arrive(self, model: _Model, request: Request) -> None:
         behind = self.strict_order and any(m.queue for m in self.models.values())
@@ -230,21 +251,28 @@ class _Simulation:
             self._at(plan.wake_at, "wake")
 
     def _execute(self, plan: Plan) -> None:
-        """Drain exactly `drain`, admit, evict, then load once the evictions are done."""
-        if plan.load is not None and any(m.state in _MOVING for m in self.models.values()):
+        if plan.load is not None and self.swap_running():
             raise InvalidPlan(f"load {plan.load} while another load or unload runs")
-        for name, model in self.models.items():
-            model.admitting = name not in plan.drain
-        for name in plan.admit:
-            self._admit(self.models[name])
-        for name in plan.evict:
-            self._evict(self.models[name])
-        if plan.load is not None:
-            unloads = self.scenario.unload_seconds if plan.evict else 0.0
-            self._load(self.models[plan.load], after=unloads)
+        execute(plan, self, self.models)
         self._check_budget()
 
-    def _admit(self, model: _Model) -> None:
+    # The executor's side of a plan (policies.execution.Box).
+
+    def set_admitting(self, name: str, admitting: bool) -> None:
+        self.models[name].admitting = admitting
+
+    def swap_running(self) -> bool:
+        return any(m.state in _MOVING for m in self.models.values())
+
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
+        """Unload the victims, then load once they are gone."""
+        for name in evict:
+            self._evict(self.models[name])
+        if load is not None:
+            self._load(self.models[load], after=self.scenario.unload_seconds if evict else 0.0)
+
+    def admit(self, name: str) -> None:
+        model = self.models[name]
         if model.state is not State.LOADED:
             raise InvalidPlan(f"admit {model.spec.name} while {model.state}")
         horizon = self._first_other_waiter(model) if self.strict_order else _NEVER
@@ -326,6 +354,9 @@ _MIX = (
     SimModel("reason", 20.0),
     SimModel("vision", 9.0, priority="low"),
 )
+# Multi-active with idle ttls, and a model whose first two loads fail (back-off 5 s, then 10 s).
+_TTL = (SimModel("t4", 4.8, size_gb=4, ttl_s=20.0), SimModel("t8", 9.6, size_gb=8, ttl_s=20.0),
+        SimModel("flaky", 7.2, size_gb=6, ttl_s=60.0, failing_loads=2))
 # Multi-active: a 24 GB card, loads of about 1.2 s per GB.
 _SIZED = tuple(SimModel(f"m{gb}", round(1.2 * gb, 1), size_gb=gb) for gb in (4, 6, 8, 10, 12, 16))
 
@@ -351,6 +382,12 @@ def scenarios(seed: int, n: int) -> list[Scenario]:
             _SIZED,
             poisson_trace(rng, {m.name: 1.0 for m in _SIZED}, n, 3.0),
             budget=Budget(memory_gb=24.0),
+        ),
+        Scenario(
+            "ttl 20-60 s, a flaky load, 12 GB",
+            _TTL,
+            poisson_trace(rng, {m.name: 1.0 for m in _TTL}, n, 8.0),
+            budget=Budget(memory_gb=12.0),
         ),
     ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.eviction import choose_victims, fits_at_all, fits_beside, is_idle
 from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView, Plan, State
@@ -21,6 +21,38 @@ _TRANSITION = "waiting for a load or unload to finish"
 
 
 def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
+    """The swap-aware plan, with idle models past their ttl unloaded when no swap is due."""
+    return with_idle_ttl(_decide(models, budget, config, now), models, now)
+
+
+def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
+    """The arrival-order plan, with the same idle-ttl unloads."""
+    return with_idle_ttl(_decide_fifo(models, budget, config, now), models, now)
+
+
+def with_idle_ttl(plan: Plan, models: Models, now: float) -> Plan:
+    """Unload idle models past their ttl when the plan swaps nothing; wake at the next expiry.
+
+    Only idle models expire, so a model kept busy past its ttl wakes nobody: its release does.
+    """
+    if plan.evict or plan.load or in_transition(models):
+        return plan
+    expired = _names(m for m in models.values() if _expires_at(m) <= now)
+    if expired:
+        return replace(plan, evict=expired, reason="idle ttl")
+    upcoming = [t for t in map(_expires_at, models.values()) if now < t < math.inf]
+    if plan.wake_at is not None:
+        upcoming.append(plan.wake_at)
+    return replace(plan, wake_at=min(upcoming, default=None))
+
+
+def _expires_at(model: ModelView) -> float:
+    """When an idle, loaded model with a ttl is due to be unloaded; never for any other."""
+    idle = model.state is State.LOADED and is_idle(model) and model.queued == 0
+    return model.last_used + model.ttl_s if idle and model.ttl_s > 0 else math.inf
+
+
+def _decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
     """Swap-aware: group demand so that one load serves many requests, bounded by max_wait.
 
     In order: a waiter about to pass max_wait wins outright; a model that fits beside the
@@ -50,7 +82,7 @@ def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -
     return turn.swap_to(turn.best(waiting), keep, "window" if crowded else "swap")
 
 
-def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
+def _decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
     """Arrival order, like Ollama and llama-swap: swap at once to the oldest waiter's model.
 
     Its Plan releases a model's whole queue; a simulator that wants the strict arrival order of

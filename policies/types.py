@@ -42,6 +42,7 @@ class ModelView:
     admitting: bool = True  # False while the scheduler drains it to swap it out
     load_seconds: float = 5.0  # estimate of one load
     retry_at: float | None = None  # a failed model may not be loaded before this
+    ttl_s: float = 0.0  # unloaded after this long idle; 0 = never
 
     @property
     def resident(self) -> bool:

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config.schema import ModelConfig
 from gateway.residency.state import InvalidTransition, Residency
+from policies.backoff import retry_delay
 from policies.types import State
 
 
@@ -26,14 +27,14 @@ def test_load_then_unload_accumulates_uptime_and_counts() -> None:
     assert r.uptime_s(99.0) == 18.0  # no longer growing
 
 
-def test_failed_load_backs_off_exponentially_and_recovers() -> None:
+def test_failed_load_waits_out_the_policys_back_off_and_recovers() -> None:
     r = fresh()
     r.begin_load(0.0)
-    r.load_failed(1.0, "out of memory")
+    r.load_failed(1.0, "out of memory", retry_delay(r.failures + 1))
     assert (r.state, r.error) == (State.FAILED, "out of memory")
     assert not r.may_load(5.0) and r.may_load(6.0)
     r.begin_load(6.0)
-    r.load_failed(7.0, "out of memory")
+    r.load_failed(7.0, "out of memory", retry_delay(r.failures + 1))
     assert not r.may_load(16.0) and r.may_load(17.0)  # 10 s the second time
     r.begin_load(17.0)
     r.loaded(18.0, wall=0.0)

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget
+from policies.eviction import fits_at_all
+from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView
 
 DEFAULT_PORT = 8890
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
@@ -90,6 +91,8 @@ class SwapperConfig:
     memory_budget_gb: float | None = None
     max_queue_per_model: int = 256  # waiting requests per model before 429
     max_queue_total: int = 1024
+    # A load's own deadline; a request's wait for its model is model_swap_timeout.
+    load_timeout_s: float = 600.0
 
     def budget(self) -> Budget:
         if self.mode == "single-active":
@@ -106,6 +109,9 @@ class ServerConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 30.0
     heartbeat_s: float = 5.0  # SSE `: loading` comments while a streaming request waits
+    # A streaming request waiting for its model gets its status line this late at most, so a
+    # short wait can still end in a real 503 that SDKs retry.
+    stream_hold_s: float = 5.0
     body_timeout_s: float = 30.0  # a request body not received within this is refused (408)
     max_header_bytes: int = 64 * 1024
 
@@ -396,12 +402,14 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
         memory_budget_gb=reader.get(section, "memory_budget_gb", "swapper", float, None),
         max_queue_per_model=reader.get(section, "max_queue_per_model", "swapper", int, 256),
         max_queue_total=reader.get(section, "max_queue_total", "swapper", int, 1024),
+        load_timeout_s=reader.get(section, "load_timeout_s", "swapper", float, 600.0),
     )
     reader.positive(config.max_concurrent_models, "swapper.max_concurrent_models", allow_zero=False)
     reader.positive(config.model_swap_timeout, "swapper.model_swap_timeout", allow_zero=False)
     reader.positive(config.memory_budget_gb, "swapper.memory_budget_gb", allow_zero=False)
     reader.positive(config.max_queue_per_model, "swapper.max_queue_per_model", allow_zero=False)
     reader.positive(config.max_queue_total, "swapper.max_queue_total", allow_zero=False)
+    reader.positive(config.load_timeout_s, "swapper.load_timeout_s", allow_zero=False)
     return config
 
 
@@ -427,6 +435,7 @@ def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
             section, "shutdown_grace_s", "server", float, d.shutdown_grace_s
         ),
         heartbeat_s=reader.get(section, "heartbeat_s", "server", float, d.heartbeat_s),
+        stream_hold_s=reader.get(section, "stream_hold_s", "server", float, d.stream_hold_s),
         body_timeout_s=reader.get(section, "body_timeout_s", "server", float, d.body_timeout_s),
         max_header_bytes=reader.get(
             section, "max_header_bytes", "server", int, d.max_header_bytes
@@ -434,6 +443,7 @@ def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
     )
     reader.positive(config.max_body_bytes, "server.max_body_bytes", allow_zero=False)
     reader.positive(config.heartbeat_s, "server.heartbeat_s", allow_zero=False)
+    reader.positive(config.stream_hold_s, "server.stream_hold_s")
     reader.positive(config.body_timeout_s, "server.body_timeout_s", allow_zero=False)
     reader.positive(config.max_header_bytes, "server.max_header_bytes", allow_zero=False)
     return config
@@ -559,6 +569,18 @@ def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: st
         raise reader.fail("swapper.default_model", f"unknown model {default!r}")
 
 
+def _check_fits(reader: _Reader, models: Mapping[str, ModelConfig], budget: Budget) -> None:
+    """A model that fits no budget it may use would wait for a swap that can never happen."""
+    for model in models.values():
+        routes = (model, *model.fallbacks)
+        if not any(fits_at_all(ModelView(r.name, size_gb=r.size_gb), budget) for r in routes):
+            raise reader.fail(
+                f"models.{model.name}.size_gb",
+                f"{model.size_gb:g} GB does not fit the memory budget of "
+                f"{budget.memory_gb:g} GB (swapper.memory_budget_gb)",
+            )
+
+
 def parse_config(
     data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
@@ -583,6 +605,7 @@ def parse_config(
                                            base_url=_normalise_url(ollama_url))
     swapper = _swapper(reader, data, env)
     _check_names(reader, models, swapper.default_model)
+    _check_fits(reader, models, swapper.budget())
     return GatewayConfig(
         swapper=swapper,
         server=_server(reader, data),

@@ -1,25 +1,23 @@
-"""The scheduler: leases on models, the bounded wait queue, and the swaps that serve it.
+"""The scheduler: leases on models, and the swaps that serve the queues.
 
-Every request asks `request(model)`: a resident, admitting model gets a `Lease` at once; any
-other request becomes a `Waiter` in its model's queue. On every event (enqueue, release, load
-done, timer) the scheduler snapshots all models and asks the pure policy
-(`policies.scheduling.decide`) what to do: admit queued requests, stop admitting a model so it
-drains, unload idle models, load the next one. One swap runs at a time (one GPU box).
+Every request asks `request(model)`: a model that admits gets a `Lease` at once; any other
+request becomes a `Waiter` in its model's queue (see `admission`). On every event (enqueue,
+release, load done, timer) the scheduler snapshots the models, asks the pure policy
+(`policies.scheduling.decide`) for a plan, carries it out with the executor the simulator shares
+(`policies.execution`) and does the swap's I/O. One swap runs at a time (one GPU box).
 
-Replicas sharing the box (see `gateway.residency.coordination`) swap under a lock per backend,
-reconcile before they swap, and hold a model another replica is draining: it admits nothing
-until that replica's swap is over.
+Replicas sharing the box (see `coordination`) swap under a lock per backend, reconcile before
+they swap, and hold a model another replica is draining (see `reconcile`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -28,136 +26,63 @@ from gateway.config.catalog import Catalog
 from gateway.config.schema import GatewayConfig, ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay.proxy import Target
-from gateway.residency.coordination import Coordinator, LocalCoordinator, Notice
+from gateway.residency.admission import (
+    HOLD_S,
+    Admission,
+    Lease,
+    Slot,
+    Waiter,
+    load_failed,
+    queue_full,
+    shutting_down,
+    swap_timeout,
+    too_large,
+    unavailable,
+)
+from gateway.residency.coordination import Coordinator, LocalCoordinator
+from gateway.residency.decisions import Decision, DecisionLog
 from gateway.residency.drivers.base import Driver, DriverError
+from gateway.residency.reconcile import Truth
 from gateway.residency.state import Residency
+from policies.backoff import retry_delay
+from policies.eviction import fits_at_all
+from policies.execution import execute
 from policies.scheduling import decide
-from policies.types import ModelView, Plan, State
+from policies.types import ModelView, State
 
-log = structlog.get_logger("gateway.residency.scheduler")
+log = structlog.get_logger("gateway.scheduler")
 
 RECONCILE_INTERVAL_S = 10.0
-DECISION_LOG_SIZE = 50
 DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
-HOLD_S = 60.0  # a hold outlives a replica that died mid-swap by this much at most
-
-
-@dataclass
-class Lease:
-    """The right to send requests for one model to `target` until released."""
-
-    target: Target
-    _on_release: Callable[[], None] | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        callback, self._on_release = self._on_release, None
-        if callback is not None:
-            callback()
-
-
-@dataclass(eq=False)
-class Waiter:
-    model: str
-    enqueued_at: float
-    future: asyncio.Future[Lease]
-
-
-@dataclass
-class Slot:
-    """Everything the scheduler tracks about one model."""
-
-    residency: Residency
-    driver: Driver
-    queue: deque[Waiter] = field(default_factory=deque)
-    in_flight: int = 0
-    admitting: bool = True
-    unload_requested: bool = False
-    request_count: int = 0
-    last_used: float = 0.0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def model(self) -> ModelConfig:
-        return self.residency.model
-
-    @property
-    def managed(self) -> bool:
-        return self.driver.manages_residency
-
-    @property
-    def has_room(self) -> bool:
-        """Below the model's own concurrency limit, if it has one."""
-        limit = self.residency.model.max_concurrent
-        return limit is None or self.in_flight < limit
-
-    def view(self, now: float) -> ModelView:
-        r = self.residency
-        return ModelView(
-            name=r.model.name, state=r.state, size_gb=r.model.size_gb,
-            priority=r.model.priority, in_flight=self.in_flight, queued=len(self.queue),
-            oldest_wait_since=self.queue[0].enqueued_at if self.queue else None,
-            loaded_at=r.loaded_since, last_used=self.last_used,
-            admitting=self.admitting and not self.unload_requested,
-            load_seconds=r.last_load_s or 5.0,
-            retry_at=r.retry_at if r.state is State.FAILED else None,
-        )
-
-
-@dataclass
-class Decision:
-    """One line of the decision log shown in /status."""
-
-    at: float  # wall clock
-    action: str  # "load" or "unload"
-    model: str
-    waiting: int  # requests queued for it when it was chosen
-    reason: str
-    requests_before: int = 0  # the model's request count when it was chosen
-    served: int | None = None  # requests served by this residency, once it ended
-
-
-def swap_timeout(model: str, seconds: float) -> GatewayError:
-    return GatewayError(
-        503, f"Model '{model}' was not ready within {seconds:g} s; it is still being loaded "
-        "or waiting for its turn. Retry shortly.", code="model_swap_timeout",
-        headers={"retry-after": "5", "x-should-retry": "true"},
-    )
-
-
-def load_failed(model: str, error: str, retry_in: float) -> GatewayError:
-    return GatewayError(
-        503, f"Model '{model}' failed to load: {error}", code="model_load_failed",
-        headers={"retry-after": str(max(1, math.ceil(retry_in))), "x-should-retry": "true"},
-    )
 
 
 class Scheduler:
     def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
                  clock: Callable[[], float] = time.monotonic,
-                 coordinator: Coordinator | None = None) -> None:
-        self.config = config
+                 coordinator: Coordinator | None = None,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
-        self.budget = config.swapper.budget()
         self.clock = clock
-        self.drivers = drivers
+        self.jitter = jitter  # spreads the Retry-After of refused clients
         self.slots: dict[str, Slot] = {}
-        self.decisions: deque[Decision] = deque(maxlen=DECISION_LOG_SIZE)
+        self.truth = Truth(self.slots, clock, self.wake, self._spawn)
+        self.decisions = DecisionLog(lambda name: self.slots[name].request_count)
+        self.steps = 0  # decisions taken: with nothing happening, this stands still
         self._wake = asyncio.Event()
         self._wake_at: float | None = None
         self._swap_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._swapping = False
-        self._evicting: set[str] = set()  # victims of the running swap: they admit nothing
-        self._held: dict[str, float] = {}  # model -> since when another replica drains it
-        self._surprises = 0  # states reconciling changed: plans made before them may be stale
         self._closing = False
+        self._views: dict[str, ModelView] = {}  # the snapshot the last plan was made from
         self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
         self.apply(config, catalog, drivers)
 
     def apply(self, config: GatewayConfig, catalog: Catalog,
               drivers: Mapping[str, Driver]) -> None:
         """Take a (re)loaded config: new models get a slot, kept ones keep their state."""
-        self.config, self.budget, self.drivers = config, config.swapper.budget(), drivers
+        self.config, self.catalog, self.drivers = config, catalog, drivers
+        self.budget = config.swapper.budget()
         models = {model.name: model for model in catalog.all_models()}
         for name in set(self.slots) - set(models):
             del self.slots[name]  # a reload removes only models not in use
@@ -182,19 +107,20 @@ class Scheduler:
 
     # -- the request path -------------------------------------------------------------------
 
-    def request(self, model: ModelConfig) -> Lease | Waiter:
-        """A lease at once if the model is ready, else a place in its queue (or 429/503)."""
+    def request(self, model: ModelConfig, *, counted: bool = True) -> Lease | Waiter:
+        """A lease at once if the model admits, else a place in its queue (or 429/503).
+
+        `counted`: an API call, counted in the model's request_count (an admin load is not).
+        """
+        if self._closing:
+            raise shutting_down()
         slot = self.slots[model.name]
         now = self.clock()
-        if self._closing:
-            raise GatewayError(503, "The gateway is shutting down.", code="shutting_down",
-                               headers={"retry-after": "5"})
-        ready = (slot.residency.state is State.LOADED or not slot.managed) and slot.admitting
-        if ready and not slot.unload_requested and not slot.queue and slot.has_room:
-            return self._grant(slot, now)
-        self._refuse_failed(slot, now)
-        self._admission(slot)
-        waiter = Waiter(model.name, now, asyncio.get_running_loop().create_future())
+        if slot.ready:
+            return self._grant(slot, now, counted)
+        self._refuse_impossible(slot, now)
+        self._refuse_when_full(slot, now)
+        waiter = Waiter(model.name, now, asyncio.get_running_loop().create_future(), counted)
         slot.queue.append(waiter)
         self.wake()
         return waiter
@@ -207,55 +133,61 @@ class Scheduler:
                 return await asyncio.shield(waiter.future)
         except TimeoutError:
             self.abandon(waiter)
-            raise swap_timeout(waiter.model, timeout_s) from None
+            slot = self.slots[waiter.model]
+            raise swap_timeout(waiter.model, timeout_s, slot.expected_wait_s(self.clock()),
+                                      self.jitter()) from None
         except asyncio.CancelledError:
             self.abandon(waiter)
             raise
 
-    async def acquire(self, model: ModelConfig, timeout_s: float | None = None) -> Lease:
-        ticket = self.request(model)
+    async def acquire(self, model: ModelConfig, timeout_s: float | None = None, *,
+                      counted: bool = True) -> Lease:
+        ticket = self.request(model, counted=counted)
         return ticket if isinstance(ticket, Lease) else await self.wait(ticket, timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def leased(self, model: ModelConfig,
+                     timeout_s: float | None = None) -> AsyncIterator[Lease]:
+        """A lease for the span of one block: for calls whose answer is read whole."""
+        lease = await self.acquire(model, timeout_s)
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     def queue_depth(self, name: str) -> int:
         return len(self.slots[name].queue)
 
-    def _refuse_failed(self, slot: Slot, now: float) -> None:
+    def _refuse_impossible(self, slot: Slot, now: float) -> None:
+        """Refuse at once what waiting cannot help: a load backing off, a model too large."""
         r = slot.residency
         if r.state is State.FAILED and not r.may_load(now):
-            raise load_failed(r.model.name, r.error or "unknown error", (r.retry_at or now) - now)
+            raise load_failed(r.model.name, r.error or "unknown error",
+                                     (r.retry_at or now) - now, r.retryable)
+        if slot.managed and not fits_at_all(slot.view(now), self.budget):
+            raise too_large(r.model.name, r.model.size_gb, self.budget.memory_gb)
 
-    def _admission(self, slot: Slot) -> None:
+    def _refuse_when_full(self, slot: Slot, now: float) -> None:
         limits = self.config.swapper
         total = sum(len(s.queue) for s in self.slots.values())
         if len(slot.queue) >= limits.max_queue_per_model or total >= limits.max_queue_total:
-            raise GatewayError(
-                429, f"Too many requests are waiting for model '{slot.model.name}'; "
-                "retry shortly.", code="queue_full", headers={"retry-after": "2"},
-            )
+            raise queue_full(slot.model.name, slot.expected_wait_s(now), self.jitter())
 
-    def _grant(self, slot: Slot, now: float) -> Lease:
+    def _grant(self, slot: Slot, now: float, counted: bool) -> Lease:
         try:
             url = slot.driver.url_for(slot.model)
         except DriverError as exc:
             # Its process died a moment ago and the driver knows before the scheduler does.
-            self.model_lost(slot.model.name, str(exc))
-            raise GatewayError(503, f"Model '{slot.model.name}' is not available: {exc}",
-                               code="model_unavailable",
-                               headers={"retry-after": "1", "x-should-retry": "true"}) from exc
-        slot.in_flight += 1
+            self.truth.model_lost(slot.model.name, str(exc))
+            raise unavailable(slot.model.name, str(exc)) from exc
+        slot.leased(now, counted)
         self.coordinator.leased(slot.model.name, 1)
-        slot.request_count += 1
-        slot.last_used = now
-        slot.idle.clear()
         target = Target(self.drivers[slot.model.backend].backend, url, slot.model.served_name)
-        return Lease(target, lambda: self._release(slot))
+        return Lease(target, lambda: self._release(slot, now))
 
-    def _release(self, slot: Slot) -> None:
-        slot.in_flight -= 1
+    def _release(self, slot: Slot, started: float) -> None:
+        slot.released(self.clock(), started)
         self.coordinator.leased(slot.model.name, -1)
-        slot.last_used = self.clock()
-        if slot.in_flight == 0:
-            slot.idle.set()
         if slot.in_flight == 0 or slot.queue:
             self.wake()
 
@@ -281,51 +213,50 @@ class Scheduler:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             self._wake.clear()
+            self.steps += 1
             self._step()
 
     def _step(self) -> None:
         now = self.clock()
-        self._held = {name: t for name, t in self._held.items() if t + HOLD_S > now}
+        for slot in self.slots.values():
+            if slot.hold_expired(now):
+                slot.reopen(Admission.HELD)
         managed = {name: slot for name, slot in self.slots.items() if slot.managed}
-        views = {name: self._view(slot, now) for name, slot in managed.items()}
-        plan = decide(views, self.budget, self.config.batching, now)
-        for name, slot in managed.items():
-            slot.admitting = (name not in plan.drain and name not in self._evicting
-                              and not self._is_held(name, now))
-        for name in plan.admit:
-            self._admit_all(self.slots[name], now)
+        self._views = {name: self._view(slot, now) for name, slot in managed.items()}
+        plan = decide(self._views, self.budget, self.config.batching, now)
+        execute(plan, self, managed)
         for slot in self.slots.values():
             if not slot.managed:
                 self._admit_all(slot, now)  # always on: only its concurrency limit holds it
-        expired = self._idle_expired(now)
-        self._wake_at = min((t for t in (plan.wake_at, self._next_expiry(now),
-                                         *(t + HOLD_S for t in self._held.values()))
-                            if t is not None), default=None)
-        if self._swapping:
-            return
-        if plan.evict or plan.load:
-            self._record(plan, views)
-            self._begin_swap(plan.evict)
-            self._spawn(self._swap(plan.evict, plan.load, self._surprises))
-        elif expired:
-            self._begin_swap(expired)
-            self._spawn(self._swap(expired, None, self._surprises, reason="idle ttl"))
+        holds = [s.held_since + HOLD_S for s in self.slots.values()
+                 if s.admission is Admission.HELD]
+        self._wake_at = min((t for t in (plan.wake_at, *holds) if t is not None), default=None)
 
     def _view(self, slot: Slot, now: float) -> ModelView:
         """A held model is being unloaded, as far as the policy is concerned: no swap meanwhile."""
         view = slot.view(now)
-        held = view.state is State.LOADED and self._is_held(view.name, now)
+        held = view.state is State.LOADED and slot.admission is Admission.HELD
         return replace(view, state=State.UNLOADING) if held else view
 
-    def _is_held(self, name: str, now: float) -> bool:
-        return self._held.get(name, -math.inf) + HOLD_S > now
+    # The executor's side of a plan (policies.execution.Box).
 
-    def _begin_swap(self, victims: tuple[str, ...]) -> None:
+    def set_admitting(self, name: str, admitting: bool) -> None:
+        self.slots[name].follow_plan(drain=not admitting)
+
+    def admit(self, name: str) -> None:
+        self._admit_all(self.slots[name], self.clock())
+
+    def swap_running(self) -> bool:
+        return self._swapping
+
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
         """From the decision on, victims admit nothing, so none is busy when its turn comes."""
+        self.decisions.record(time.time(), evict, load, reason, self._views)
+        log.info("scheduler.plan", load=load, evict=evict, reason=reason)
         self._swapping = True
-        self._evicting.update(victims)
-        for name in victims:
-            self.slots[name].admitting = False
+        for name in evict:
+            self.slots[name].close(Admission.EVICTING)
+        self._spawn(self._swap(evict, load, self.truth.surprises, reason))
 
     def _admit_all(self, slot: Slot, now: float) -> None:
         while slot.queue and slot.has_room:
@@ -333,34 +264,9 @@ class Scheduler:
             if waiter.future.done():
                 continue
             try:
-                waiter.future.set_result(self._grant(slot, now))
+                waiter.future.set_result(self._grant(slot, now, waiter.counted))
             except GatewayError as error:
                 waiter.future.set_exception(error)
-
-    def _idle_expired(self, now: float) -> tuple[str, ...]:
-        return tuple(
-            name for name, slot in self.slots.items()
-            if slot.managed and slot.model.ttl_s > 0 and slot.residency.state is State.LOADED
-            and slot.in_flight == 0 and not slot.queue
-            and now - slot.last_used >= slot.model.ttl_s
-        )
-
-    def _next_expiry(self, now: float) -> float | None:
-        times = [
-            slot.last_used + slot.model.ttl_s for slot in self.slots.values()
-            if slot.managed and slot.model.ttl_s > 0 and slot.residency.state is State.LOADED
-        ]
-        return min(times, default=None)
-
-    def _record(self, plan: Plan, views: Mapping[str, ModelView]) -> None:
-        wall = time.time()
-        for name in plan.evict:
-            self.decisions.append(Decision(wall, "unload", name, 0, plan.reason))
-        if plan.load:
-            self.decisions.append(Decision(wall, "load", plan.load, views[plan.load].queued,
-                                           plan.reason, self.slots[plan.load].request_count))
-        log.info("scheduler.plan", load=plan.load, evict=plan.evict, drain=plan.drain,
-                 reason=plan.reason)
 
     # -- swapping ---------------------------------------------------------------------------
 
@@ -370,7 +276,7 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _swap(self, evict: tuple[str, ...], load: str | None, surprises: int,
-                    reason: str = "") -> None:
+                    reason: str) -> None:
         try:
             async with self._exclusive([*evict, *([load] if load else [])], surprises) as ready:
                 if not ready:
@@ -386,7 +292,9 @@ class Scheduler:
                     log.info("scheduler.swap_deferred", load=load, busy=still_resident)
         finally:
             self._swapping = False
-            self._evicting.difference_update(evict)
+            for name in evict:
+                if name in self.slots:
+                    self.slots[name].reopen(Admission.EVICTING)
             self.wake()
 
     @contextlib.asynccontextmanager
@@ -402,30 +310,35 @@ class Scheduler:
                 backends, self.config.swapper.model_swap_timeout) as locked:
             try:
                 if locked and self.coordinator.shared:
-                    await self._reconcile(backends)
-                yield locked and self._surprises == surprises
+                    await self.truth.reconcile(backends)
+                yield locked and self.truth.surprises == surprises
             finally:
                 await self.coordinator.changed(backends)
 
     async def _load(self, slot: Slot) -> None:
         r = slot.residency
         r.begin_load(self.clock())
+        timeout_s = self.config.swapper.load_timeout_s
         log.info("model.loading", model=r.model.name, queued=len(slot.queue))
         try:
-            async with asyncio.timeout(self.config.swapper.model_swap_timeout):
+            async with asyncio.timeout(timeout_s):
                 await slot.driver.load(r.model)
         except (DriverError, TimeoutError) as exc:
-            error = str(exc) or f"no answer within {self.config.swapper.model_swap_timeout:g} s"
-            r.load_failed(self.clock(), error)
-            log.warning("model.load_failed", model=r.model.name, error=error,
-                        retry_in_s=round((r.retry_at or 0) - self.clock(), 1))
-            self._fail_queue(slot, load_failed(r.model.name, error, (r.retry_at or 0) -
-                                               self.clock()))
+            self._load_failed(slot, str(exc) or f"no answer within {timeout_s:g} s",
+                              getattr(exc, "retryable", True))
             return
         r.loaded(self.clock(), time.time())
         log.info("model.loaded", model=r.model.name, seconds=round(r.last_load_s or 0, 3))
         if self.on_loaded is not None:
             self.on_loaded(r.model.name, r.last_load_s or 0.0)
+
+    def _load_failed(self, slot: Slot, error: str, retryable: bool) -> None:
+        r = slot.residency
+        retry_in = retry_delay(r.failures + 1)
+        r.load_failed(self.clock(), error, retry_in, retryable)
+        log.warning("model.load_failed", model=r.model.name, error=error,
+                    retry_in_s=round(retry_in, 1), failures=r.failures)
+        self._fail_queue(slot, load_failed(r.model.name, error, retry_in, retryable))
 
     async def _unload(self, slot: Slot, reason: str = "") -> None:
         r = slot.residency
@@ -441,21 +354,11 @@ class Scheduler:
             # The memory may still be held; reconciling with the backend's truth will tell.
             log.warning("model.unload_failed", model=r.model.name, error=str(exc))
         r.unloaded(self.clock(), time.time())
-        self._close_residency(slot)
+        self.decisions.residency_ended(r.model.name)
         log.info("model.unloaded", model=r.model.name)
 
     def served(self, decision: Decision) -> int:
-        """Requests the residency a load decision began has served (so far, if still on)."""
-        if decision.served is not None:
-            return decision.served
-        return self.slots[decision.model].request_count - decision.requests_before
-
-    def _close_residency(self, slot: Slot) -> None:
-        for decision in reversed(self.decisions):
-            if decision.model == slot.model.name and decision.action == "load":
-                if decision.served is None:
-                    decision.served = self.served(decision)
-                return
+        return self.decisions.served(decision)
 
     def _fail_queue(self, slot: Slot, error: GatewayError) -> None:
         while slot.queue:
@@ -468,91 +371,32 @@ class Scheduler:
     async def load(self, name: str, timeout_s: float | None = None) -> None:
         """Load a model now (as a request for it would), evicting others as the policy says."""
         slot = self.slots[name]
-        slot.unload_requested = False
+        slot.reopen(Admission.CLOSING)
         if slot.managed:
-            (await self.acquire(slot.model, timeout_s)).release()
+            (await self.acquire(slot.model, timeout_s, counted=False)).release()
 
     async def unload(self, name: str) -> None:
         """Stop admitting, let in-flight requests finish, then unload."""
         slot = self.slots[name]
         if not slot.managed or slot.residency.state is not State.LOADED:
             return
-        slot.unload_requested = True
+        slot.close(Admission.CLOSING)
         try:
             await slot.idle.wait()
-            async with self._exclusive([name], self._surprises) as ready:
+            async with self._exclusive([name], self.truth.surprises) as ready:
                 if ready and slot.in_flight == 0:
                     await self._unload(slot, "requested")
         finally:
-            slot.unload_requested = False
+            slot.reopen(Admission.CLOSING)
             self.wake()
 
     # -- truth from the backends ------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Align the states with what each backend says it holds."""
-        await self._reconcile()
-
-    async def _reconcile(self, backends: set[str] | None = None) -> None:
-        """Reconcile these backends (all if None)."""
-        for driver in {id(s.driver): s.driver for s in self.slots.values() if s.managed}.values():
-            if backends is None or driver.backend.name in backends:
-                await self._reconcile_driver(driver)
-        self.wake()
-
-    async def _reconcile_driver(self, driver: Driver) -> None:
-        slots = [s for s in self.slots.values() if s.driver is driver]
-        before = {id(s): s.residency.generation for s in slots}
-        try:
-            truth = await driver.resident()
-        except DriverError as exc:
-            log.warning("reconcile.failed", backend=driver.backend.name, error=str(exc))
-            return
-        if truth is None:
-            return
-        for slot in slots:
-            if slot.residency.generation == before[id(slot)]:
-                self._align(slot, slot.model.name in truth)
-
-    def _align(self, slot: Slot, resident: bool) -> None:
-        r = slot.residency
-        if r.state is State.LOADED and not resident and slot.in_flight == 0:
-            r.lost(self.clock(), time.time())
-            log.info("model.lost", model=r.model.name, reason="not resident on the backend")
-        elif r.state in (State.UNLOADED, State.FAILED) and resident:
-            r.found(self.clock(), time.time())
-            log.info("model.found", model=r.model.name, reason="resident on the backend")
-        else:
-            return
-        self._surprises += 1
-
-    def _on_notice(self, notice: Notice) -> None:
-        """Another replica drains a model (hold it at once) or ended a swap (look again)."""
-        if notice.draining is None:
-            self._spawn(self._follow(notice.backend))
-        elif notice.draining in self.slots:
-            self._held[notice.draining] = self.clock()
-            self.slots[notice.draining].admitting = False
-            self.wake()
-
-    async def _follow(self, backend: str) -> None:
-        """Holds end only once the truth is in: a held model may be gone from the backend."""
-        noticed = self.clock()
-        await self._reconcile({backend})
-        for name, since in list(self._held.items()):
-            slot = self.slots.get(name)
-            if since <= noticed and (slot is None or slot.model.backend == backend):
-                self._held.pop(name, None)  # a hold noticed meanwhile is for the next swap
-        self.wake()
+        await self.truth.reconcile()
 
     def model_lost(self, name: str, reason: str) -> None:
-        """A driver's report that a loaded model went away (its process crashed)."""
-        slot = self.slots.get(name)
-        if slot is None or slot.residency.state not in (State.LOADED, State.UNLOADING):
-            return
-        slot.residency.crashed(self.clock(), time.time(), reason)
-        log.warning("model.crashed", model=name, reason=reason)
-        self.wake()
+        self.truth.model_lost(name, reason)
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -564,13 +408,13 @@ class Scheduler:
     async def start(self) -> None:
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.start(self.model_lost)
-        await self.coordinator.start(self._on_notice)
+        await self.coordinator.start(self.truth.on_notice)
         await self.reconcile()
         self._spawn(self._run())
         self._spawn(self._reconcile_forever())
         default = self.config.swapper.default_model
         if default:
-            self._spawn(self._preload(default))
+            self._spawn(self._preload(self.catalog.resolve(default).name))
 
     async def _preload(self, name: str) -> None:
         try:
@@ -580,10 +424,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._closing = True
-        closing = GatewayError(503, "The gateway is shutting down.", code="shutting_down",
-                               headers={"retry-after": "5"})
         for slot in self.slots.values():
-            self._fail_queue(slot, closing)
+            self._fail_queue(slot, shutting_down())
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

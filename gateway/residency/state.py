@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from gateway.config.schema import ModelConfig
 from policies.types import State
 
-_BACKOFF_FIRST_S = 5.0
-_BACKOFF_MAX_S = 300.0
-
 
 class InvalidTransition(RuntimeError):
     """A transition asked for from a state it does not start in: a bug in the caller."""
@@ -37,6 +34,7 @@ class Residency:
     error: str | None = None
     retry_at: float | None = None  # monotonic; a failed model is not loaded before this
     failures: int = 0
+    retryable: bool = True  # whether the last failure may pass by itself (a file missing won't)
     generation: int = 0  # bumped on every transition, so async observers can detect change
 
     def _move(self, expected: tuple[State, ...], to: State) -> None:
@@ -54,14 +52,17 @@ class Residency:
         self.last_load_s = now - (self.load_started or now)
         self.load_count += 1
         self.failures = 0
+        self.retryable = True
         self.error = self.retry_at = None
         self._became_resident(now, wall)
 
-    def load_failed(self, now: float, error: str) -> None:
+    def load_failed(self, now: float, error: str, retry_in: float, retryable: bool = True) -> None:
+        """`retry_in`: the back-off the policy chose (policies.backoff)."""
         self._move((State.LOADING,), State.FAILED)
         self.failures += 1
         self.error = error
-        self.retry_at = now + min(_BACKOFF_FIRST_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S)
+        self.retryable = retryable
+        self.retry_at = now + retry_in
 
     def begin_unload(self) -> None:
         self._move((State.LOADED,), State.UNLOADING)
