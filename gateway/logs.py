@@ -84,6 +84,9 @@ class AccessLog:
             await self.app(scope, receive, send_logged)
         finally:
             record["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            if "first_byte_at" in state:  # a stream that waited: its first byte from upstream
+                record["ttfb_ms"] = round((state["first_byte_at"] - started) * 1000, 2)
+            record["wait_ms"] = state.get("wait_ms")
             if self.observer is not None:
                 self.observer(state, record)
             log.info(

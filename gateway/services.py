@@ -124,13 +124,10 @@ class Services:
                          headers: Mapping[str, str] | None = None, request_id: str = "",
                          swap_timeout: float | None = None) -> bytes:
         """One non-streamed upstream call under its own lease (queueing for the model)."""
-        lease = await self.scheduler.acquire(model, swap_timeout)
-        try:
+        async with self.scheduler.leased(model, swap_timeout) as lease:
             response = await self.proxy.open(call, lease.target, headers or {}, request_id)
             return await self.proxy.read_json(response, lease.target,
                                               self.proxy.renamer(call, lease.target))
-        finally:
-            lease.release()
 
 
 def _coordinator(config: GatewayConfig) -> Coordinator:

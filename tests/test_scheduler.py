@@ -89,13 +89,14 @@ def test_streaming_client_gets_loading_comments_while_waiting(start_gateway: Any
                                                               start_server: Any) -> None:
     slow = start_server(ollama_emulator.create_app({"a:7b": 4.0}, load_delay=0.4))
     gateway = start_gateway(three_models(slow.url) | {
+        "server": {"heartbeat_s": 0.05, "stream_hold_s": 0.1},
         "models": {"a": {"path": "ollama:a:7b", "size_gb": 4}}})
     body = ask("a") | {"stream": True}
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         lines = list(response.iter_lines())
     comments = [line for line in lines if line.startswith(":")]
-    assert comments and comments[0] == ": loading a"
+    assert comments and comments[0] == ": loading a (0 s)"  # after the status line's hold
     assert lines.index(comments[-1]) < lines.index(next(x for x in lines if x.startswith("data")))
     assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
     # The official client ignores the comments.

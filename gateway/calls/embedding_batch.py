@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 
 from gateway.calls.parse import ApiCall
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.embeddings")
 
 Send = Callable[[ApiCall, ModelConfig], Awaitable[bytes]]
 
@@ -109,6 +112,19 @@ class EmbeddingBatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, batch: _Batch) -> None:
+        """Every member's future is settled when this ends, whatever happens on the way."""
+        try:
+            await self._send_batch(batch)
+        except Exception as exc:  # a malformed answer, a bug: its clients must not hang
+            log.warning("embeddings.batch_failed", model=batch.model.name, error=repr(exc))
+            _fail(batch.members, GatewayError(
+                502, f"Backend '{batch.model.backend}' returned an embeddings answer that "
+                "could not be split back.", code="backend_invalid_response"))
+        finally:
+            _fail(batch.members, GatewayError(500, "The embeddings batch ended without an "
+                                                   "answer.", code="internal_error"))
+
+    async def _send_batch(self, batch: _Batch) -> None:
         members = [m for m in batch.members if not m.future.done()]
         if len(members) == 1:
             await self._alone(members[0], batch.model)
@@ -150,16 +166,19 @@ def _fail(members: list[_Pending], exc: GatewayError) -> None:
             member.future.set_exception(exc)
 
 
-def _split(answer: dict[str, Any], members: list[_Pending]) -> None:
-    vectors = sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
+def _split(answer: Any, members: list[_Pending]) -> None:
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError("embeddings answer without a list of objects in 'data'")
+    vectors = sorted(data, key=lambda item: _number(item.get("index")))
     expected = sum(len(m.inputs) for m in members)
     if len(vectors) != expected:
         _fail(members, GatewayError(502, f"Backend returned {len(vectors)} embeddings for "
                                          f"{expected} inputs.", code="backend_invalid_response"))
         return
-    usage = answer.get("usage") or {}
-    prompt = apportion(int(usage.get("prompt_tokens", 0)), [m.weight for m in members])
-    total = apportion(int(usage.get("total_tokens", 0)), [m.weight for m in members])
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    prompt = apportion(_number(usage.get("prompt_tokens")), [m.weight for m in members])
+    total = apportion(_number(usage.get("total_tokens")), [m.weight for m in members])
     offset = 0
     for member, prompt_tokens, total_tokens in zip(members, prompt, total, strict=True):
         own = vectors[offset: offset + len(member.inputs)]
@@ -170,3 +189,8 @@ def _split(answer: dict[str, Any], members: list[_Pending]) -> None:
                 "data": [{**item, "index": i} for i, item in enumerate(own)],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": total_tokens}}
         member.future.set_result(orjson.dumps(body))
+
+
+def _number(value: Any) -> int:
+    """A count from a backend's JSON; anything else (null, text) counts as 0."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0

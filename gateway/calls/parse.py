@@ -30,6 +30,7 @@ _INT_RANGES = {
     "top_logprobs": (0, 20),
 }
 _NUMBER_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
+_USAGE_STREAMS = frozenset({"chat/completions", "completions"})
 
 
 @dataclass
@@ -41,13 +42,21 @@ class ApiCall:
     stream: bool
     include_usage: bool
 
+    @property
+    def usage_added(self) -> bool:
+        """A completion stream whose client did not ask for usage: the gateway asks for it all
+        the same (for the cache record and token budgets) and keeps it from the client."""
+        return self.stream and not self.include_usage and self.endpoint in _USAGE_STREAMS
+
     def body_for(self, served_name: str, drop: frozenset[str] = frozenset()) -> bytes:
-        """The body to send upstream: the client's bytes unless the model name must change or
-        fields in `drop` are present."""
+        """The body to send upstream: the client's bytes unless the model name must change,
+        fields in `drop` are present or usage must be asked for."""
         dropped = drop.intersection(self.body)
-        if self.model == served_name and not dropped:
+        if self.model == served_name and not dropped and not self.usage_added:
             return self.raw
         body = {k: v for k, v in self.body.items() if k not in dropped}
+        if self.usage_added:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps({**body, "model": served_name})
 
 
@@ -64,6 +73,9 @@ def parse_call(endpoint: str, raw: bytes) -> ApiCall:
         raise bad_request("You must provide a model parameter (a non-empty string).", param="model")
     _check_input(endpoint, body)
     stream = _check_stream(body)
+    if stream and endpoint == "embeddings":
+        raise bad_request("Embeddings cannot be streamed: leave out 'stream' or set it to false.",
+                          param="stream")
     _check_ranges(body)
     options = body.get("stream_options")
     return ApiCall(

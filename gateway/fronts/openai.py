@@ -24,13 +24,14 @@ from starlette.routing import Route
 from gateway.cache.replay import Record
 from gateway.cache.responses import CacheTicket
 from gateway.calls.coalescing import Leadership
+from gateway.calls.owner import CallOwner
 from gateway.calls.parse import ApiCall, parse_call, too_large
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError, model_not_found
 from gateway.relay.proxy import check_stream_answer
 from gateway.relay.stream import SSE_HEADERS, RelayResponse, until_disconnect
-from gateway.relay.usage import UsageScanner, usage_of
-from gateway.residency.scheduler import Lease, Waiter
+from gateway.relay.usage import UsageChunkFilter, UsageScanner, usage_of
+from gateway.residency.admission import Lease
 from gateway.services import Services
 
 _STARTED = int(time.time())
@@ -68,19 +69,18 @@ class Exchange:
 
     request: Request
     call: ApiCall
-    model: ModelConfig
-    ticket: CacheTicket
+    model: ModelConfig  # the route serving it now
+    cache: CacheTicket
     swap_timeout: float | None  # the client's X-Swap-Timeout, if it sent one
-    public: ModelConfig  # the model as configured; `model` is the route serving it now
-    leadership: Leadership | None = None  # set when this call leads identical ones
+    public: ModelConfig  # the model as configured
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.request.scope["state"]
 
     @property
     def request_id(self) -> str:
-        return self.request.scope["state"]["request_id"]
-
-    def settle(self, record: Record | None) -> None:
-        if self.leadership is not None:
-            self.leadership.settle(record)
+        return self.state["request_id"]
 
 
 class OpenAIApi:
@@ -110,22 +110,30 @@ class OpenAIApi:
     async def handle(self, request: Request, endpoint: str) -> Response | RelayResponse:
         exchange = await self.prepare(request, endpoint)
         services = self.services
-        record = await services.cache.lookup(exchange.ticket)
+        record = await services.cache.lookup(exchange.cache)
         if record is not None:
             return self.replay(exchange, record, "HIT")
-        request.scope["state"]["cache"] = exchange.ticket.header
-        if exchange.ticket.decision.write:
-            leadership, leads = services.coalescer.join(exchange.ticket.key)
+        exchange.state["cache"] = exchange.cache.header
+        leadership = None
+        if exchange.cache.decision.write:
+            leadership, leads = services.coalescer.join(exchange.cache.key)
             if not leads:
                 return await self.follow(exchange, leadership)
-            exchange.leadership = leadership
+        return await self.owned(CallOwner(services.scheduler, leadership), exchange)
+
+    async def owned(self, owner: CallOwner, exchange: Exchange) -> Response | RelayResponse:
+        """Answer under `owner`, which closes when the answer ends: here, or for a stream,
+        when the stream does."""
         try:
             if exchange.call.stream:
-                return await self.stream(exchange)
-            return await until_disconnect(request.receive, self.complete(exchange))
+                response = await self.stream(exchange, owner)
+            else:
+                response = await until_disconnect(exchange.request.receive,
+                                                  self.complete(exchange, owner))
         except BaseException:
-            exchange.settle(None)
+            owner.close()
             raise
+        return _carry(owner, response)
 
     async def prepare(self, request: Request, endpoint: str) -> Exchange:
         services = self.services
@@ -151,7 +159,7 @@ class OpenAIApi:
     def replay(self, exchange: Exchange, record: Record,
                cache_header: str) -> Response | RelayResponse:
         """A stored or shared answer: no scheduler, so no model is loaded for it."""
-        exchange.request.scope["state"]["cache"] = cache_header
+        exchange.state["cache"] = cache_header
         body = self.services.cache.replay(exchange.call, record)
         if isinstance(body, bytes):
             return json_response(body, headers={"x-cache": cache_header})
@@ -160,25 +168,28 @@ class OpenAIApi:
     async def follow(self, exchange: Exchange,
                      leadership: Leadership) -> Response | RelayResponse:
         """Wait for the identical call in flight; make our own if it ends without an answer."""
-        headers = {**SSE_HEADERS, "x-cache": "MISS", "x-coalesced": "true"}
+        owner = CallOwner(self.services.scheduler)  # for that call of our own, if it comes to it
         if exchange.call.stream:
-            return RelayResponse(self.stream_after_follow(exchange, leadership), headers=headers)
+            headers = {**SSE_HEADERS, "x-cache": "MISS", "x-coalesced": "true"}
+            return _carry(owner, RelayResponse(self.stream_after_follow(exchange, owner,
+                                                                        leadership),
+                                               headers=headers))
         record = await until_disconnect(exchange.request.receive, leadership.outcome())
         if record is not None:
             return self.replay(exchange, record, "MISS")
-        return await until_disconnect(exchange.request.receive, self.complete(exchange))
+        return await self.owned(owner, exchange)
 
-    async def complete(self, exchange: Exchange) -> Response:
+    async def complete(self, exchange: Exchange, owner: CallOwner) -> Response:
         call, services = exchange.call, self.services
-        body = await self.on_next_route(exchange, lambda route: (
+        body = await self.on_next_route(exchange, owner, lambda route: (
             services.embeddings.submit(call, route) if call.endpoint == "embeddings"
             else services.fetch_json(call, route, exchange.request.headers,
                                      exchange.request_id, exchange.swap_timeout)))
-        exchange.settle(services.cache.store_json(exchange.ticket, call, body))
-        exchange.request.scope["state"]["usage"] = usage_of(body)
-        return json_response(body, headers={"x-cache": exchange.ticket.header})
+        owner.answered(services.cache.store_json(exchange.cache, call, body))
+        exchange.state["usage"] = usage_of(body)
+        return json_response(body, headers={"x-cache": exchange.cache.header})
 
-    async def on_next_route(self, exchange: Exchange,
+    async def on_next_route(self, exchange: Exchange, owner: CallOwner,
                             attempt: Callable[[ModelConfig], Awaitable[T]]) -> T:
         """Run `attempt` on the model's route; if its backend refuses connections and the
         model has a fallback that is up, run it once more there."""
@@ -189,47 +200,67 @@ class OpenAIApi:
             if error.code != "backend_unreachable" or alternative is exchange.model:
                 raise
         log.info("fallback.used", model=exchange.public.name, backend=alternative.backend)
+        owner.drop_lease()  # the first route's, if the attempt took one
         exchange.model = alternative
-        exchange.request.scope["state"]["backend"] = alternative.backend
+        exchange.state["backend"] = alternative.backend
         return await attempt(alternative)
 
-    async def stream(self, exchange: Exchange) -> Response | RelayResponse:
-        return await self.on_next_route(exchange, lambda route: self.stream_on(exchange, route))
+    # -- streams ----------------------------------------------------------------------------
 
-    async def stream_on(self, exchange: Exchange, route: ModelConfig) -> Response | RelayResponse:
-        ticket = self.services.scheduler.request(route)
-        headers = {**SSE_HEADERS, "x-cache": exchange.ticket.header}
-        if isinstance(ticket, Waiter):
-            # Answer at once and keep the client company while the model loads.
-            return RelayResponse(self.stream_after_wait(exchange, ticket), headers=headers,
-                                 on_close=lambda: self.gone_while_waiting(exchange, ticket))
-        proxy, call, target = self.services.proxy, exchange.call, ticket.target
-        try:
-            response = await until_disconnect(exchange.request.receive, proxy.open(
-                call, target, exchange.request.headers, exchange.request_id))
-            check_stream_answer(target.backend, response)
-            if response.content_type == "application/json":  # a backend that does not stream
-                body = await proxy.read_json(response, target, proxy.renamer(call, target))
-                ticket.release()
-                return json_response(body, headers={"x-cache": exchange.ticket.header})
-        except BaseException:
-            ticket.release()
-            raise
+    async def stream(self, exchange: Exchange, owner: CallOwner) -> Response | RelayResponse:
+        return await self.on_next_route(exchange, owner,
+                                        lambda route: self.stream_on(exchange, owner, route))
+
+    async def stream_on(self, exchange: Exchange, owner: CallOwner,
+                        route: ModelConfig) -> Response | RelayResponse:
+        """Hold the status line while the model loads, up to `stream_hold_s`: a short wait can
+        still end in a real 503 with Retry-After, which SDKs retry. Past that, start the stream
+        and keep the client company with `: loading` comments until the lease comes."""
+        swapper, server = self.services.config.swapper, self.services.config.server
+        swap_timeout = exchange.swap_timeout or swapper.model_swap_timeout
+        granted = owner.ask(route, max(swap_timeout, swapper.load_timeout_s))
+        hold = min(server.stream_hold_s, swap_timeout)
+        if not granted.done():
+            await until_disconnect(exchange.request.receive, asyncio.wait((granted,), timeout=hold))
+        if not granted.done() and hold >= swap_timeout:
+            raise owner.gave_up(swap_timeout)
+        headers = {**SSE_HEADERS, "x-cache": exchange.cache.header}
+        if not granted.done():
+            return RelayResponse(self.stream_after_wait(exchange, owner, granted),
+                                 headers=headers)
+        lease = granted.result()  # a failed load is raised here, with its own status
+        response = await until_disconnect(exchange.request.receive,
+                                          self.open_stream(exchange, owner, lease))
+        if response.content_type == "application/json":  # a backend that does not stream
+            proxy = self.services.proxy
+            body = await proxy.read_json(response, lease.target,
+                                         proxy.renamer(exchange.call, lease.target))
+            owner.answered(self.services.cache.store_json(exchange.cache, exchange.call, body))
+            return json_response(body, headers={"x-cache": exchange.cache.header})
         headers["content-type"] = response.headers.get("content-type", headers["content-type"])
-        return RelayResponse(self.relay(exchange, response, ticket), headers=headers,
-                             on_close=lambda: _end(exchange, ticket, response))
+        return RelayResponse(self.relay(exchange, owner, response, lease), headers=headers)
 
-    # -- streams that start before their answer is ready ------------------------------------
+    async def open_stream(self, exchange: Exchange, owner: CallOwner,
+                          lease: Lease) -> ClientResponse:
+        exchange.state["wait_ms"] = owner.waited_ms()
+        response = await self.services.proxy.open(
+            exchange.call, lease.target, exchange.request.headers, exchange.request_id)
+        owner.opened(response)
+        check_stream_answer(lease.target.backend, response)
+        return response
 
     async def heartbeat(self, exchange: Exchange, task: asyncio.Future[Any],
                         what: str) -> AsyncIterator[bytes]:
-        """SSE comments every few seconds until `task` is done, so no proxy times out."""
+        """SSE comments every few seconds until `task` is done, so no proxy times out; each
+        says how long the wait has lasted."""
         interval = self.services.config.server.heartbeat_s
+        started = time.monotonic()
         while not task.done():
-            yield f": {what} {exchange.call.model}\n\n".encode()
+            waited = time.monotonic() - started
+            yield f": {what} {exchange.call.model} ({waited:.0f} s)\n\n".encode()
             await asyncio.wait((task,), timeout=interval)
 
-    async def stream_after_follow(self, exchange: Exchange,
+    async def stream_after_follow(self, exchange: Exchange, owner: CallOwner,
                                   leadership: Leadership) -> AsyncIterator[bytes]:
         outcome = asyncio.ensure_future(leadership.outcome())
         try:
@@ -242,62 +273,49 @@ class OpenAIApi:
             for chunk in self.services.cache.replay(exchange.call, record):
                 yield chunk  # type: ignore[misc]
             return
-        async for chunk in self.stream_after_wait(exchange, None):
+        swapper = self.services.config.swapper
+        try:
+            granted = owner.ask(exchange.model, swapper.load_timeout_s)
+        except GatewayError as exc:
+            yield exc.sse_event()
+            return
+        async for chunk in self.stream_after_wait(exchange, owner, granted):
             yield chunk
 
-    async def stream_after_wait(self, exchange: Exchange,
-                                waiter: Waiter | None) -> AsyncIterator[bytes]:
-        scheduler, proxy = self.services.scheduler, self.services.proxy
-        acquiring = asyncio.ensure_future(
-            scheduler.wait(waiter, exchange.swap_timeout) if waiter
-            else scheduler.acquire(exchange.model, exchange.swap_timeout))
+    async def stream_after_wait(self, exchange: Exchange, owner: CallOwner,
+                                granted: asyncio.Future[Lease]) -> AsyncIterator[bytes]:
+        async for comment in self.heartbeat(exchange, granted, "loading"):
+            yield comment
         try:
-            async for comment in self.heartbeat(exchange, acquiring, "loading"):
-                yield comment
-            lease = acquiring.result()
+            response = await self.open_stream(exchange, owner, granted.result())
         except GatewayError as exc:
-            exchange.settle(None)
             yield exc.sse_event()
             return
-        finally:
-            acquiring.cancel()
-        try:
-            response = await proxy.open(exchange.call, lease.target, exchange.request.headers,
-                                        exchange.request_id)
-            check_stream_answer(lease.target.backend, response)
-        except BaseException as exc:
-            lease.release()
-            exchange.settle(None)
-            if not isinstance(exc, GatewayError):
-                raise
-            yield exc.sse_event()
-            return
-        async with contextlib.aclosing(self.relay(exchange, response, lease)) as chunks:
+        async with contextlib.aclosing(
+                self.relay(exchange, owner, response, granted.result())) as chunks:
             async for chunk in chunks:  # closed at once if our own client leaves
                 yield chunk
 
-    def gone_while_waiting(self, exchange: Exchange, waiter: Waiter) -> None:
-        """Whatever the waiting stream got to, nothing it held outlives it."""
-        self.services.scheduler.abandon(waiter)
-        exchange.settle(None)
-
-    async def relay(self, exchange: Exchange, response: ClientResponse,
+    async def relay(self, exchange: Exchange, owner: CallOwner, response: ClientResponse,
                     lease: Lease) -> AsyncIterator[bytes]:
-        """The upstream stream, teed into the cache; the lease is released however it ends."""
+        """The upstream stream, teed into the cache; usage the gateway asked for on the
+        client's behalf is read, then left out of what the client sees."""
         proxy, call = self.services.proxy, exchange.call
         chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
-        if exchange.ticket.decision.write:
-            chunks = self.services.cache.tee(exchange.ticket, call, chunks, exchange.settle)
+        if exchange.cache.decision.write:
+            chunks = self.services.cache.tee(exchange.cache, call, chunks, owner.answered)
         scanner = UsageScanner()
+        hidden = UsageChunkFilter() if call.usage_added else None
         try:
             async for chunk in chunks:
+                exchange.state.setdefault("first_byte_at", time.perf_counter())
                 scanner.feed(chunk)
-                yield chunk
+                yield hidden.feed(chunk) if hidden else chunk
+            if hidden:
+                yield hidden.flush()
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-            lease.release()
-            exchange.request.scope["state"]["usage"] = scanner.usage
-            exchange.settle(None)  # no-op when the tee already settled with the answer
+            exchange.state["usage"] = scanner.usage
 
     # -- models ------------------------------------------------------------------------------
 
@@ -343,12 +361,14 @@ def _swap_timeout(request: Request) -> float | None:
     return value
 
 
-def _end(exchange: Exchange, lease: Lease, response: ClientResponse) -> None:
-    """After a relayed stream, however it ended: all idempotent, so a relay that finished
-    normally (and released its connection to the pool) loses nothing here."""
-    response.close()
-    lease.release()
-    exchange.settle(None)
+def _carry(owner: CallOwner, response: Response | RelayResponse) -> Response | RelayResponse:
+    """A stream takes its call's owner along and closes it when it ends; any other answer is
+    complete here, and so is the call."""
+    if isinstance(response, RelayResponse):
+        response.on_close = owner.close
+    else:
+        owner.close()
+    return response
 
 
 async def _async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

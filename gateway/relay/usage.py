@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import orjson
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 _FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
 
 
@@ -45,3 +48,51 @@ class UsageScanner:
     @property
     def usage(self) -> Usage:
         return usage_of(self._last)
+
+
+class UsageChunkFilter:
+    """Leaves out of a stream the usage-only event (`"choices": []`) that the gateway asked the
+    backend for on behalf of a client that did not ask; every other byte passes as it came.
+
+    Only events that mention usage are parsed; text after the last event boundary waits for
+    the rest of its event.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        ends = list(_EVENT_END.finditer(data))
+        if not ends:
+            self._pending = data
+            return b""
+        cut = ends[-1].end()
+        self._pending = data[cut:]
+        complete = data[:cut]
+        return complete if b'"usage"' not in complete else self._without_usage(complete)
+
+    def flush(self) -> bytes:
+        data, self._pending = self._pending, b""
+        return data
+
+    @staticmethod
+    def _without_usage(data: bytes) -> bytes:
+        kept, start = [], 0
+        for end in _EVENT_END.finditer(data):
+            event = data[start:end.end()]
+            if not _usage_only(event):
+                kept.append(event)
+            start = end.end()
+        return b"".join(kept)
+
+
+def _usage_only(event: bytes) -> bool:
+    payload = event.strip()
+    if not payload.startswith(b"data:") or b'"usage"' not in payload:
+        return False
+    try:
+        data = orjson.loads(payload[5:])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and bool(data.get("usage"))

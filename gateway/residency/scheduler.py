@@ -132,13 +132,16 @@ class Scheduler:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(waiter.future)
         except TimeoutError:
-            self.abandon(waiter)
-            slot = self.slots[waiter.model]
-            raise swap_timeout(waiter.model, timeout_s, slot.expected_wait_s(self.clock()),
-                                      self.jitter()) from None
+            raise self.gave_up(waiter, timeout_s) from None
         except asyncio.CancelledError:
             self.abandon(waiter)
             raise
+
+    def gave_up(self, waiter: Waiter, waited_s: float) -> GatewayError:
+        """A waiter whose deadline passed leaves the queue; the 503 says when to come back."""
+        self.abandon(waiter)
+        wait_s = self.slots[waiter.model].expected_wait_s(self.clock())
+        return swap_timeout(waiter.model, waited_s, wait_s, self.jitter())
 
     async def acquire(self, model: ModelConfig, timeout_s: float | None = None, *,
                       counted: bool = True) -> Lease:
