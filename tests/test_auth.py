@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
-from gateway.config.schema import ConfigError, parse_config
+from gateway.app import create_app
+from gateway.config.reload import file_loader
+from gateway.config.schema import ConfigError, load_config, parse_config
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import serve, wait_until
 
 ADMIN, TEAM_A, TEAM_B = "sk-admin-0123", "sk-team-a-4567", "sk-team-b-89ab"
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -67,9 +72,12 @@ def test_keys_are_required_and_checked(gateway: Any) -> None:
         client.models.list()
 
 
-def test_health_and_metrics_stay_open(gateway: Any) -> None:
+def test_probes_and_the_prometheus_scrape_stay_open(gateway: Any) -> None:
     assert httpx.get(gateway.url + "/health").status_code == 200
-    assert httpx.get(gateway.url + "/metrics").status_code == 200
+    assert httpx.get(gateway.url + "/ready").status_code == 200
+    scrape = httpx.get(gateway.url + "/metrics", headers={"accept": "text/plain"})
+    assert scrape.status_code == 200 and "swapper_active_model" in scrape.text
+    assert httpx.get(gateway.url + "/metrics").status_code == 401  # the JSON names models
     assert httpx.get(gateway.url + "/status").status_code == 401
 
 
@@ -180,3 +188,115 @@ def test_concurrency_slot_is_freed_when_a_client_leaves(start_gateway: Any, vllm
     leave_midway()
     assert done.is_set()
     wait_until(lambda: chat(gateway, TEAM_A).status_code == 200, message="slot freed")
+
+
+# -- the access table of docs/access.md, cell by cell -----------------------------------------
+
+ACCESS_DOC = Path(__file__).resolve().parent.parent / "docs" / "access.md"
+OPS, TEAM_A_ONLY = "sk-ops-table", "sk-team-a-table"
+CALLERS = {"no key": None, "team-a": TEAM_A_ONLY, "ops": OPS}
+
+
+def access_table() -> list[tuple[str, dict[str, int]]]:
+    """The table's rows: the route cell, and the status each caller gets."""
+    lines = ACCESS_DOC.read_text(encoding="utf-8").split("## The table", 1)[1].splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("| `"):
+            continue
+        route, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        codes = [int(re.match(r"\d{3}", cell).group()) for cell in cells]  # type: ignore[union-attr]
+        rows.append((route, dict(zip(CALLERS, codes, strict=True))))
+    return rows
+
+
+def table_request(client: httpx.Client, route: str, key: str | None) -> httpx.Response:
+    """The request a route cell describes: `METHOD /path`, an optional `model`, (Prometheus)."""
+    method_path, *model = re.findall(r"`([^`]+)`", route)
+    method, path = method_path.split(" ", 1)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if "(Prometheus)" in route:
+        headers["accept"] = "text/plain"
+    body: dict[str, Any] | None = None
+    if path == "/v1/chat/completions":
+        body = {"model": model[0], "messages": MESSAGES}
+    elif path == "/v1/completions":
+        body = {"model": model[0], "prompt": "hello"}
+    return client.request(method, path, headers=headers, json=body)
+
+
+@pytest.fixture(scope="module")
+def table_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """m-a and m-b on an always-on backend, keys as in the table; started from a file so that
+    /admin/reload has something to re-read."""
+    with serve(vllm_emulator.create_app(["org/m-a", "org/m-b"])) as backend:
+        file = tmp_path_factory.mktemp("access") / "gateway.yaml"
+        file.write_text(yaml.safe_dump({
+            "auth": {"keys": [{"name": "ops", "key": OPS, "admin": True},
+                              {"name": "team-a", "key": TEAM_A_ONLY, "models": ["m-a"]}]},
+            "backends": {"vllm": {"kind": "openai", "base_url": backend.url}},
+            "models": {"m-a": {"backend": "vllm", "served_name": "org/m-a"},
+                       "m-b": {"backend": "vllm", "served_name": "org/m-b"}},
+        }))
+        app = create_app(load_config(file, env={}), loader=file_loader(str(file)))
+        with serve(app) as gateway:
+            yield gateway.url
+
+
+def test_the_access_table_covers_every_route() -> None:
+    routes = " ".join(route for route, _ in access_table())
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready",
+                 "/status", "/models", "/load", "/unload", "/metrics", "/metrics/",
+                 "/admin/reload", "/cache", "/ui"):
+        assert path in routes, f"docs/access.md has no row for {path}"
+
+
+@pytest.mark.parametrize(("route", "codes"), access_table(), ids=[r for r, _ in access_table()])
+def test_every_route_follows_the_access_table(table_gateway: str, route: str,
+                                              codes: dict[str, int]) -> None:
+    with httpx.Client(base_url=table_gateway, timeout=30) as client:
+        for caller, key in CALLERS.items():
+            answer = table_request(client, route, key)
+            assert answer.status_code == codes[caller], (caller, answer.text)
+            if answer.status_code >= 400:
+                assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def names_seen(url: str, path: str, key: str | None) -> set[str]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    body = httpx.get(url + path, headers=headers, timeout=10).json()
+    if path == "/v1/models":
+        return {m["id"] for m in body["data"]}
+    if path == "/models":
+        return {m["name"] for m in body["models"]}
+    if path == "/metrics":
+        return {m["model_name"] for m in body["metrics"]}
+    assert path == "/status"
+    named = {*body["available_models"], *body["loaded_models"], *body["models"],
+             *(d["model"] for d in body["decisions"])}
+    return named | ({body["active_model"]} if body["active_model"] else set())
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/models", "/status", "/metrics"])
+def test_a_limited_key_never_sees_another_model(table_gateway: str, path: str) -> None:
+    assert names_seen(table_gateway, path, TEAM_A_ONLY) == {"m-a"}
+    assert names_seen(table_gateway, path, OPS) == {"m-a", "m-b"}
+
+
+def test_health_names_only_a_model_the_caller_may_see(table_gateway: str) -> None:
+    def active(key: str | None) -> Any:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(table_gateway + "/health", headers=headers).json()["active_model"]
+
+    assert active(None) is None
+    assert active("sk-not-a-key") is None  # a wrong key on a probe is no key, not a 401
+    assert active(TEAM_A_ONLY) in ("m-a", None)
+    assert active(OPS) in ("m-a", "m-b")
+
+
+def test_the_status_page_asks_a_browser_for_the_key(table_gateway: str) -> None:
+    refused = httpx.get(table_gateway + "/ui")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+    page = httpx.get(table_gateway + "/ui", auth=("anyone", OPS))
+    assert page.status_code == 200 and "m-b" in page.text
+    assert httpx.get(table_gateway + "/ui", auth=("anyone", TEAM_A_ONLY)).status_code == 403

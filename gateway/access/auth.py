@@ -1,13 +1,18 @@
 """API keys, admin rights and per-key limits, as ASGI middleware in front of every route.
 
-No keys configured: the gateway is open (a warning at start). Keys configured: every route but
-/health, /ready, /metrics and /ui needs `Authorization: Bearer KEY` or `x-api-key: KEY`; admin
-routes need a key marked `admin`. Keys are compared by digest in constant time and never logged; the
-key's name is the tenant everywhere (logs, cache scope, metrics).
+One rule for who sees what (the table is docs/access.md): no keys configured, the gateway is open
+(a warning at start). Keys configured: the probes (/health, /ready) and the Prometheus scrape need
+no key; every other route needs `Authorization: Bearer KEY` or `x-api-key: KEY` (or, for a
+browser on /ui, the key as a Basic password); admin routes need a key marked `admin`. A caller
+sees only the models its key may use (`Access.may_see`): any other answers 404 like an unknown
+one. Keys are compared by digest in constant time and never logged; the key's name is the tenant
+everywhere (logs, cache scope, metrics).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import math
@@ -18,12 +23,21 @@ from typing import Any
 from aiolimiter import AsyncLimiter
 from starlette.types import Receive, Scope, Send
 
-from gateway.config.schema import AuthConfig, KeyConfig
+from gateway.config.schema import AuthConfig, KeyConfig, ModelConfig
 from gateway.errors import GatewayError
+from gateway.metrics import wants_prometheus
 
-# Probes, Prometheus and the read-only status page (no keys or prompts on it) stay open.
-PUBLIC = frozenset({"/health", "/ready", "/metrics", "/ui"})
+# Probes answer without a key: a kubelet or Docker HEALTHCHECK carries none.
+PROBES = frozenset({"/health", "/ready"})
 _WINDOW_S = 60.0
+_REALM = {"www-authenticate": 'Basic realm="Swapper Gateway"'}  # a browser asks for the key
+
+
+def is_public(method: str, path: str, headers: Mapping[str, str]) -> bool:
+    """Probes, and the Prometheus scrape (a ServiceMonitor sends no key)."""
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in PROBES or (path == "/metrics" and wants_prometheus(headers.get("accept", "")))
 
 
 def is_admin_route(method: str, path: str) -> bool:
@@ -31,6 +45,7 @@ def is_admin_route(method: str, path: str) -> bool:
         (method == "POST" and path.startswith("/models/") and path.endswith(("/load", "/unload")))
         or (method == "DELETE" and path == "/cache")
         or (method == "POST" and path.startswith("/admin/"))
+        or path == "/ui"  # it shows every model, its errors and the decisions
     )
 
 
@@ -108,6 +123,34 @@ class Tenant:
         )
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who is asking, for the routes that decide what to show. Set on every HTTP request as
+    `scope["state"]["access"]` (`scope["state"]["key"]` holds the same tenant)."""
+
+    tenant: Tenant | None  # None: no valid key was presented
+    open: bool = False  # no keys configured: everyone sees everything
+
+    @property
+    def admin(self) -> bool:
+        return self.open or (self.tenant is not None and self.tenant.config.admin)
+
+    def may_see(self, model: ModelConfig) -> bool:
+        """Whether the caller may use `model` (and so see its name, state and figures)."""
+        if self.open:
+            return True
+        return self.tenant is not None and self.tenant.allows({model.name, *model.aliases})
+
+
+_CLOSED = Access(None)
+
+
+def access_of(scope: Scope) -> Access:
+    """The caller's access; without the middleware's word, nothing is visible (fail closed)."""
+    access = scope.get("state", {}).get("access")
+    return access if isinstance(access, Access) else _CLOSED
+
+
 class KeyRing:
     def __init__(self, config: AuthConfig) -> None:
         self.open = config.open
@@ -124,16 +167,31 @@ class KeyRing:
             digest=_digest(key.secret),
         )
 
-    def identify(self, headers: Mapping[str, str]) -> Tenant:
+    def identify(self, headers: Mapping[str, str], challenge: bool = False) -> Tenant:
+        """The presented key's tenant, or 401 (with a Basic challenge for a browser)."""
         presented = _presented_key(headers)
+        extra = _REALM if challenge else None
         if presented is None:
             raise GatewayError(401, "You didn't provide an API key. Send it as "
-                               "'Authorization: Bearer KEY'.", code="missing_api_key")
+                               "'Authorization: Bearer KEY'.", code="missing_api_key",
+                               headers=extra)
+        tenant = self.find(presented)
+        if tenant is None:
+            raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key",
+                               headers=extra)
+        return tenant
+
+    def find(self, presented: str) -> Tenant | None:
         digest = _digest(presented)
         tenant = self._tenants.get(digest)
         if tenant is None or not hmac.compare_digest(tenant.digest, digest):
-            raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+            return None
         return tenant
+
+    def optional(self, headers: Mapping[str, str]) -> Tenant | None:
+        """On a public route: a valid key widens what is shown, a bad one is no key at all."""
+        presented = _presented_key(headers)
+        return self.find(presented) if presented is not None else None
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
@@ -141,7 +199,18 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme.lower() == "basic" and token.strip():
+        return _basic_password(token.strip())
     return headers.get("x-api-key") or None
+
+
+def _basic_password(token: str) -> str | None:
+    """A browser's `Basic base64(user:password)`: the password is the key, any user name."""
+    try:
+        decoded = base64.b64decode(token, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2] or None
 
 
 class AuthMiddleware:
@@ -152,21 +221,34 @@ class AuthMiddleware:
         self.keyring = keyring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         keys = self.keyring()
-        if scope["type"] != "http" or keys.open or scope["path"] in PUBLIC:
+        state = scope.setdefault("state", {})
+        if keys.open:
+            state["access"] = Access(None, open=True)
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method, path = scope["method"], scope["path"]
+        if is_public(method, path, headers):
+            tenant = keys.optional(headers)  # no limits counted: probes and scrapes are free
+            state["access"] = Access(tenant)
+            if tenant is not None:
+                state.update(tenant=tenant.name, key=tenant)
+            await self.app(scope, receive, send)
+            return
         try:
-            tenant = keys.identify(headers)
-            if is_admin_route(scope["method"], scope["path"]) and not tenant.config.admin:
+            tenant = keys.identify(headers, challenge=path == "/ui")
+            if is_admin_route(method, path) and not tenant.config.admin:
                 raise GatewayError(403, "This endpoint needs an admin key.", code="admin_only")
             await tenant.admit()
         except GatewayError as error:
-            scope.setdefault("state", {})["error"] = error.code
+            state["error"] = error.code
             await error.response()(scope, receive, send)
             return
-        scope.setdefault("state", {}).update(tenant=tenant.name, key=tenant)
+        state.update(tenant=tenant.name, key=tenant, access=Access(tenant))
         try:
             await self.app(scope, receive, _with_headers(send, tenant.headers))
         finally:

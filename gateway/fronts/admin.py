@@ -7,8 +7,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.access.auth import access_of
 from gateway.config.schema import ConfigError
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 from gateway.services import Services
 
 
@@ -34,7 +35,9 @@ class AdminApi:
     async def purge_cache(self, request: Request) -> Response:
         """DELETE /cache purges everything; DELETE /cache?model=NAME one model's entries."""
         name = request.query_params.get("model")
-        model = self.services.catalog.resolve(name).name if name else None
-        removed = await self.services.cache.purge(model)
-        body = {"status": "success", "model": model, "removed": removed}
+        model = self.services.catalog.resolve(name) if name else None
+        if model is not None and not access_of(request.scope).may_see(model):
+            raise model_not_found(name)
+        removed = await self.services.cache.purge(model.name if model else None)
+        body = {"status": "success", "model": model.name if model else None, "removed": removed}
         return Response(orjson.dumps(body), media_type="application/json")

@@ -1,8 +1,13 @@
-"""The old Swapper Service's REST API (the port 8890 contract), plus the gateway's additions."""
+"""The old Swapper Service's REST API (the port 8890 contract), plus the gateway's additions.
+
+Every key and value of that service's answers comes back as it did (`SWAPPER_API.md`); the
+gateway's own figures are extra keys beside them. A caller sees only the models its key may use
+(`Access.may_see`): any other is absent from lists and answers 404 like an unknown one.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -11,19 +16,29 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
+from gateway.access.auth import Access, access_of
 from gateway.errors import model_not_found
 from gateway.metrics import render, wants_prometheus
-from gateway.residency.scheduler import Slot
+from gateway.residency.admission import Slot
 from gateway.services import Services
 from policies.types import State
+
+SERVICE = "swapper-service"  # the old service's name: its health checks compare it
+# The old service knew loaded, unloaded and loading; the gateway's finer states map onto them
+# (the exact one is in the extra key `state`).
+_OLD_STATUS = {State.LOADED: "loaded", State.LOADING: "loading", State.UNLOADING: "unloaded",
+               State.UNLOADED: "unloaded", State.FAILED: "unloaded"}
 
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def _iso(wall: float | None) -> str | None:
-    return datetime.fromtimestamp(wall, UTC).isoformat() if wall is not None else None
+def iso_local(wall: float | None) -> str | None:
+    """ISO 8601 local time with its offset, as the old service's clients parse it."""
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
 
 
 class SwapperApi:
@@ -43,30 +58,36 @@ class SwapperApi:
             Route("/metrics/{name:path}", self.model_metrics, methods=["GET"]),
         ]
 
-    @property
-    def _slots(self) -> dict[str, Slot]:
-        """The public models' slots (fallback routes show in their model's status)."""
+    # -- what the caller may see ------------------------------------------------------------
+
+    def _slots(self, access: Access) -> dict[str, Slot]:
+        """The public models' slots the caller may see (fallback routes show in their model's
+        status)."""
         return {name: slot for name, slot in self.services.scheduler.slots.items()
-                if slot.model.route_of is None}
+                if slot.model.route_of is None and access.may_see(slot.model)}
 
     def _slot(self, request: Request) -> Slot:
-        model = self.services.catalog.resolve(request.path_params["name"])
-        slot = self._slots.get(model.name)
+        name = request.path_params["name"]
+        model = self.services.catalog.resolve(name)
+        slot = self._slots(access_of(request.scope)).get(model.name)
         if slot is None:
-            raise model_not_found(request.path_params["name"])
+            raise model_not_found(name)
         return slot
 
-    def _loaded(self) -> list[str]:
-        return [n for n, s in self._slots.items() if s.residency.state is State.LOADED]
+    @staticmethod
+    def _loaded(slots: dict[str, Slot]) -> list[str]:
+        return [n for n, s in slots.items() if s.residency.state is State.LOADED]
+
+    # -- routes -----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        loaded = self._loaded()
+        loaded = self._loaded(self._slots(access_of(request.scope)))
         return _json({
             "status": "healthy",
-            "service": "swapper-gateway",
-            "version": __version__,
-            "mode": self.services.config.swapper.mode,
+            "service": SERVICE,
             "active_model": loaded[0] if loaded else None,
+            "mode": self.services.config.swapper.mode,
+            "version": __version__,
         })
 
     async def ready(self, request: Request) -> Response:
@@ -75,28 +96,33 @@ class SwapperApi:
         return _json({"ready": ready}, status=200 if ready else 503)
 
     async def status(self, request: Request) -> Response:
-        scheduler = self.services.scheduler
-        loaded = self._loaded()
+        access = access_of(request.scope)
+        slots = self._slots(access)
+        loaded = self._loaded(slots)
+        swapper = self.services.config.swapper
         return _json({
-            "status": "running",
+            "status": "healthy",
             "active_model": loaded[0] if loaded else None,
-            "available_models": list(self._slots),
+            "available_models": list(slots),
             "loaded_models": loaded,
-            "mode": self.services.config.swapper.mode,
-            "total_models": len(self._slots),
-            "max_concurrent_models": self.services.config.swapper.max_concurrent_models,
-            "memory_budget_gb": self.services.config.swapper.memory_budget_gb,
-            "resident_gb": sum(s.model.size_gb for s in self._slots.values()
+            "mode": swapper.mode,
+            "total_models": len(slots),
+            "max_concurrent_models": swapper.max_concurrent_models,
+            "memory_budget_gb": swapper.memory_budget_gb,
+            "resident_gb": sum(s.model.size_gb for s in slots.values()
                                if s.managed and s.residency.state is State.LOADED),
-            "models": {name: self._model_status(slot) for name, slot in self._slots.items()},
+            "models": {name: self._model_status(slot) for name, slot in slots.items()},
             "cache": self._cache_status(),
-            "decisions": [
-                {"at": _iso(d.at), "action": d.action, "model": d.model,
-                 "waiting": d.waiting, "reason": d.reason,
-                 "served": scheduler.served(d) if d.action == "load" else None}
-                for d in reversed(scheduler.decisions)
-            ],
+            "decisions": self._decisions(set(slots)),
         })
+
+    def _decisions(self, visible: set[str]) -> list[dict[str, Any]]:
+        scheduler = self.services.scheduler
+        return [
+            {"at": iso_local(d.at), "action": d.action, "model": d.model, "waiting": d.waiting,
+             "reason": d.reason, "served": scheduler.served(d) if d.action == "load" else None}
+            for d in reversed(scheduler.decisions) if d.model in visible
+        ]
 
     def _cache_status(self) -> dict[str, Any]:
         cache = self.services.cache
@@ -113,7 +139,8 @@ class SwapperApi:
         r = slot.residency
         serving = self.services.fallback.choose(slot.model)
         return {
-            "status": r.state.value,
+            "status": _OLD_STATUS[r.state],
+            "state": r.state.value,
             "backend": slot.model.backend,
             "serving_backend": serving.backend,
             "routes": {
@@ -125,6 +152,12 @@ class SwapperApi:
             "error": r.error,
         }
 
+    def _request_count(self, slot: Slot) -> int:
+        """API calls for the model, whichever of its routes served them."""
+        slots = self.services.scheduler.slots
+        return sum(slots[route.name].request_count
+                   for route in self.services.catalog.routes(slot.model) if route.name in slots)
+
     def _describe(self, slot: Slot) -> dict[str, Any]:
         r, model = slot.residency, slot.model
         return {
@@ -133,13 +166,14 @@ class SwapperApi:
             "type": model.type,
             "size_gb": model.size_gb,
             "priority": model.priority,
-            "status": r.state.value,
-            "loaded_at": _iso(r.loaded_at),
-            "unloaded_at": _iso(r.unloaded_at),
+            "status": _OLD_STATUS[r.state],
+            "loaded_at": iso_local(r.loaded_at),
+            "unloaded_at": iso_local(r.unloaded_at),
             "total_uptime_seconds": round(r.uptime_s(self.services.scheduler.clock()), 3),
+            "state": r.state.value,
             "backend": model.backend,
             "aliases": list(model.aliases),
-            "request_count": slot.request_count,
+            "request_count": self._request_count(slot),
             "load_count": r.load_count,
             "last_load_seconds": r.last_load_s,
             "error": r.error,
@@ -150,17 +184,17 @@ class SwapperApi:
         uptime = r.uptime_s(self.services.scheduler.clock())
         return {
             "model_name": slot.model.name,
-            "status": r.state.value,
-            "loaded_at": _iso(r.loaded_at),
+            "status": _OLD_STATUS[r.state],
+            "loaded_at": iso_local(r.loaded_at),
             "uptime_hours": round(uptime / 3600, 6),
-            "request_count": slot.request_count,
+            "request_count": self._request_count(slot),
             "total_uptime_seconds": round(uptime, 3),
             "load_count": r.load_count,
             "last_load_seconds": r.last_load_s,
         }
 
     async def list_models(self, request: Request) -> Response:
-        models = [self._describe(slot) for slot in self._slots.values()]
+        models = [self._describe(slot) for slot in self._slots(access_of(request.scope)).values()]
         return _json({"models": models, "total_models": len(models)})
 
     async def get_model(self, request: Request) -> Response:
@@ -169,24 +203,27 @@ class SwapperApi:
     async def load(self, request: Request) -> Response:
         slot = self._slot(request)
         await self.services.scheduler.load(slot.model.name)
-        return _json({"status": "success", "model": slot.model.name,
-                      "message": f"Model {slot.model.name} loaded",
-                      "model_status": slot.residency.state.value})
+        return self._done(slot, "loaded")
 
     async def unload(self, request: Request) -> Response:
         slot = self._slot(request)
         await self.services.scheduler.unload(slot.model.name)
-        return _json({"status": "success", "model": slot.model.name,
-                      "message": f"Model {slot.model.name} unloaded",
-                      "model_status": slot.residency.state.value})
+        return self._done(slot, "unloaded")
+
+    @staticmethod
+    def _done(slot: Slot, what: str) -> Response:
+        name = slot.model.name
+        return _json({"status": "success", "model": name, "message": f"Model {name} {what}",
+                      "model_status": _OLD_STATUS[slot.residency.state]})
 
     async def metrics(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
         if wants_prometheus(accept):
             body, content_type = render(self.services.metrics.registry, accept)
             return Response(body, media_type=content_type)
-        metrics = [self._metrics(slot) for slot in self._slots.values()]
-        return _json({"models": metrics,
+        slots = self._slots(access_of(request.scope))
+        metrics = [self._metrics(slot) for slot in slots.values()]
+        return _json({"metrics": metrics,
                       "total_requests": sum(m["request_count"] for m in metrics)})
 
     async def model_metrics(self, request: Request) -> Response:
