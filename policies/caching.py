@@ -27,6 +27,13 @@ _IGNORED_FIELDS = frozenset(
     }
 )
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+# The longest lifetime a stored answer may get, whatever a client's `X-Cache-TTL` or `max-age`
+# asks: Redis refuses an expiry beyond 64-bit milliseconds, and one client must not be able to
+# make the cache's writes fail for everyone. (`cache.max_ttl_s` once the config has it.)
+MAX_TTL_S = 30 * 24 * 3600.0
+# Cache keys live in a key space of their own under the namespace, beside the replicas'
+# coordination keys (`<namespace>:coord:...`), so that purging the cache never touches those.
+KEY_SPACE = "cache"
 
 
 @dataclass(frozen=True)
@@ -50,17 +57,19 @@ def cache_decision(
     *,
     model_enabled: bool,
     default_ttl_s: float,
+    max_ttl_s: float = MAX_TTL_S,
 ) -> CacheDecision:
     """Decide from the endpoint, the body's determinism and the client's cache headers.
 
     `Cache-Control: no-store` skips the cache entirely, `no-cache` skips reading only.
     `X-Cache-TTL: N` (preferred) or `Cache-Control: max-age=N` sets the lifetime of a stored
     answer and also opts a non-deterministic request in; a lifetime of 0 means "do not cache".
+    Every lifetime is cut to `max_ttl_s`.
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     directives = _cache_control(lowered.get("cache-control", ""))
     client_ttl = _client_ttl(lowered.get("x-cache-ttl"), directives.get("max-age"))
-    ttl_s = default_ttl_s if client_ttl is None else client_ttl
+    ttl_s = min(default_ttl_s if client_ttl is None else client_ttl, max_ttl_s)
 
     def no(reason: str) -> CacheDecision:
         return CacheDecision(read=False, write=False, ttl_s=ttl_s, reason=reason)
@@ -89,7 +98,8 @@ def cache_decision(
 def cache_key(
     *, model: str, endpoint: str, body: Mapping[str, Any], tenant: str | None, namespace: str
 ) -> str:
-    """`<namespace>:<model>:<sha256>` over the endpoint, the tenant and the output-affecting body.
+    """`<namespace>:cache:<model>:<sha256>` over the endpoint, the tenant and the body's
+    output-affecting fields.
 
     `model` is the resolved model, never the alias. `tenant=None` means the shared cache. The
     model is readable (percent-encoded, so it holds no `:`) so that `key_prefix` can purge it.
@@ -101,10 +111,11 @@ def cache_key(
 
 
 def key_prefix(namespace: str, model: str | None = None) -> str:
-    """The prefix shared by every key of the namespace, or of one model in it (for purging)."""
+    """The prefix shared by every cached answer of the namespace, or of one model in it (for
+    purging); never a prefix of the namespace's coordination keys."""
     if model is None:
-        return f"{namespace}:"
-    return f"{namespace}:{quote(model, safe='')}:"
+        return f"{namespace}:{KEY_SPACE}:"
+    return f"{namespace}:{KEY_SPACE}:{quote(model, safe='')}:"
 
 
 def _deterministic(body: Mapping[str, Any]) -> bool:

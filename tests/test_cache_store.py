@@ -257,3 +257,15 @@ async def test_failed_probe_keeps_the_breaker_open(
     assert logs == []
     assert (store.stats.outages, store.stats.errors, store.stats.short_circuits) == (1, 2, 1)
     await store.close()
+
+
+async def test_a_command_redis_refuses_fails_alone(store: RedisStore, prefix: str) -> None:
+    """An expiry Redis will not take (2**63 ms and more) fails that write only: the breaker
+    stays closed and every other key keeps working."""
+    with capture_logs() as logs:
+        await store.set(prefix + "forever", b"v", 1e17)
+    assert [entry["event"] for entry in logs] == ["cache.redis_refused"]
+    assert store.healthy
+    assert (store.stats.refused, store.stats.outages, store.stats.writes) == (1, 0, 0)
+    await store.set(prefix + "k", b"v", 60)
+    assert await store.get(prefix + "k") == b"v"

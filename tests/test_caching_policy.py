@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.caching import CacheDecision, cache_decision, cache_key, key_prefix
+from policies.caching import MAX_TTL_S, CacheDecision, cache_decision, cache_key, key_prefix
 
 CHAT = {
     "model": "llama",
@@ -124,6 +124,16 @@ def test_zero_ttl_means_do_not_cache(headers: dict[str, str]) -> None:
     assert decision.bypass and decision.reason == "ttl_zero"
 
 
+@pytest.mark.parametrize("headers", [{"X-Cache-TTL": "1e17"}, {"Cache-Control": "max-age=1e300"}])
+def test_a_client_ttl_is_cut_to_the_maximum(headers: dict[str, str]) -> None:
+    assert decide(headers=headers).ttl_s == MAX_TTL_S
+
+
+def test_cache_keys_never_share_a_prefix_with_coordination() -> None:
+    assert not "swapper:coord:lock:ollama".startswith(key_prefix("swapper"))
+    assert not "swapper:coord:lock:ollama".startswith(key_prefix("swapper", "coord"))
+
+
 def test_explicit_ttl_opts_a_sampled_request_in() -> None:
     decision = decide({**CHAT, "temperature": 1.2}, {"X-Cache-TTL": "120"})
     assert decision == CacheDecision(True, True, 120, "client_opt_in")
@@ -139,7 +149,7 @@ def test_default_ttl_of_zero_disables_caching() -> None:
 
 def test_key_names_namespace_and_model_in_clear() -> None:
     value = key(CHAT)
-    assert value.startswith("swapper:llama-3-8b:")
+    assert value.startswith("swapper:cache:llama-3-8b:")
     assert len(value.rsplit(":", 1)[1]) == 64
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import httpx
 import pytest
+import redis
 
 from gateway.residency.coordination import Notice, RedisCoordinator
+from tests.emulators import ollama as ollama_emulator
+from tests.servers import wait_until
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5) -> None:
@@ -76,3 +81,35 @@ async def test_notices_reach_the_other_replicas(
     assert await one.drain("ollama", "a", wait_s=1)
     await _eventually(heard_draining)
     assert heard["one"] == []  # a replica does not hear itself
+
+
+def test_purging_the_cache_leaves_coordination_alone(start_gateway: Any, start_server: Any,
+                                                    redis_url: str) -> None:
+    """`DELETE /cache` removes cached answers only: the replicas' heartbeats, in-flight counts
+    and swap locks stay, even for a model named `lock`."""
+    ollama = start_server(ollama_emulator.create_app({"lock:7b": 4.0}, load_delay=0.01))
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    gateway = start_gateway({
+        "batching": {"window_ms": 0, "min_residency_ms": 0},
+        "cache": {"redis_url": redis_url, "namespace": namespace},
+        "backends": {"ollama": {"kind": "ollama", "base_url": ollama.url}},
+        "models": {"lock": {"path": "ollama:lock:7b", "size_gb": 4}},
+    })
+    body = {"model": "lock", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    client = redis.Redis.from_url(redis_url)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=body).headers["x-cache"] == "MISS"
+        assert http.post("/v1/chat/completions", json=body).headers["x-cache"] == "HIT"
+        wait_until(lambda: client.exists(f"{namespace}:coord:inflight:lock") == 1,
+                   message="in-flight counts written")
+        client.set(f"{namespace}:coord:lock:ollama", "another-replica", px=60_000)
+        coordination = sorted(client.keys(f"{namespace}:coord:*"))
+
+        purged = http.delete("/cache")
+        assert purged.status_code == 200 and purged.json()["removed"] == 1
+        assert client.keys(f"{namespace}:cache:*") == []
+        assert sorted(client.keys(f"{namespace}:coord:*")) == coordination
+        assert http.post("/v1/chat/completions", json=body).headers["x-cache"] == "MISS"
+    assert client.get(f"{namespace}:coord:lock:ollama") == b"another-replica"
+    client.delete(f"{namespace}:coord:lock:ollama")
+    client.close()

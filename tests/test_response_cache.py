@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 
+from policies.caching import MAX_TTL_S
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 
@@ -174,3 +177,22 @@ def test_redis_dying_midway_loses_no_request(start_gateway: Any, vllm: Any,
     assert [a.status_code for a in answers] == [200] * 5
     assert {a.headers["x-cache"] for a in answers} == {"MISS"}
     assert not gateway.app.state.services.cache.store.healthy
+
+
+def test_a_huge_client_ttl_is_cut_and_turns_no_cache_off(start_gateway: Any, vllm: Any,
+                                                         redis_url: str) -> None:
+    namespace = f"huge-ttl-{uuid.uuid4().hex[:8]}"
+    gateway = start_gateway(config(vllm.url, redis_url=redis_url, namespace=namespace))
+    sampled = {"model": "m1", "messages": MESSAGES, "temperature": 1}
+    first = post(gateway, sampled, **{"X-Cache-TTL": "1e17"})
+    assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
+    again = post(gateway, sampled, **{"X-Cache-TTL": "1e17"})
+    assert again.headers["x-cache"] == "HIT"  # stored, with the longest lifetime allowed
+    with redis.Redis.from_url(redis_url) as client:
+        [key] = client.keys(f"{namespace}:cache:*")
+        assert 0 < client.pttl(key) <= MAX_TTL_S * 1000
+    store = gateway.app.state.services.cache.store
+    assert store.healthy and store.stats.refused == 0
+    other = {"model": "m1", "messages": MESSAGES, "temperature": 0}
+    assert post(gateway, other).headers["x-cache"] == "MISS"
+    assert post(gateway, other).headers["x-cache"] == "HIT"  # the cache works for everyone

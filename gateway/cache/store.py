@@ -2,7 +2,9 @@
 
 Both stores share one contract: they never raise to the request path. A failing Redis is a cache
 miss, and a circuit breaker keeps a dead or slow Redis from costing every request a timeout.
-Both enforce `max_entry_bytes` on `set`, so no caller can forget it.
+Both enforce `max_entry_bytes` on `set`, so no caller can forget it. Only a Redis that cannot be
+reached (refused, reset or timed-out connections) opens the breaker; a command Redis refuses
+(a bad argument, a full memory) fails alone, so no single request can turn the cache off.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = structlog.get_logger(__name__)
 
@@ -26,6 +30,8 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 _SCAN_BATCH = 500
+# Failures that say Redis cannot be reached now; they open the breaker.
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 _GLOB_SPECIALS = str.maketrans({char: "\\" + char for char in "*?[]\\"})
 
 
@@ -34,6 +40,7 @@ class CacheStats:
     """Counters since start.
 
     errors: store operations that failed or timed out. outages: times Redis was declared down.
+    refused: commands Redis answered with an error (counted in errors too; Redis stays up).
     short_circuits: calls answered at once, without Redis, while it was down.
     oversize: values not stored because they exceeded max_entry_bytes (or the whole LRU).
     """
@@ -45,6 +52,7 @@ class CacheStats:
     oversize: int = 0
     errors: int = 0
     outages: int = 0
+    refused: int = 0
     short_circuits: int = 0
 
 
@@ -220,11 +228,20 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout_s):
                 result = await command(*args, **kwargs)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _UNREACHABLE as exc:
             self._failed(exc)
+            return False, None
+        except RedisError as exc:  # Redis answered, and said no: it is up
+            self._refused(exc)
             return False, None
         self._succeeded()
         return True, result
+
+    def _refused(self, exc: RedisError) -> None:
+        self.stats.errors += 1
+        self.stats.refused += 1
+        log.warning("cache.redis_refused", error=_describe(exc))
+        self._succeeded()
 
     def _failed(self, exc: Exception) -> None:
         self.stats.errors += 1

@@ -1,12 +1,14 @@
 """Swaps shared by several gateway replicas on one GPU box: a lock per backend, in-flight counts,
 and residency notices, all through Redis. Without Redis one replica is assumed (`LocalCoordinator`).
 
-- The lock (`<ns>:lock:<backend>`) lets one replica at a time load or unload on a backend.
-- Each replica writes its in-flight count per model (`<ns>:inflight:<model>`, a hash keyed by
+All keys live under `<ns>:coord:`, apart from the response cache's `<ns>:cache:`.
+
+- The lock (`<ns>:coord:lock:<backend>`) lets one replica at a time load or unload on a backend.
+- Each replica writes its in-flight count per model (`<ns>:coord:inflight:<model>`, a hash keyed by
   replica) as an absolute value, so a lost write heals with the next one; counts of a replica
-  whose heartbeat key (`<ns>:replica:<id>`) expired are ignored.
-- Notices on `<ns>:residency:<backend>`: `draining <model>` before an unload (others stop granting
-  it), then a plain notice once the swap is over (others reconcile the backend with its truth).
+  whose heartbeat key (`<ns>:coord:replica:<id>`) expired are ignored.
+- Notices on `<ns>:coord:residency:<backend>`: `draining <model>` before an unload (others stop
+  granting it), then a plain notice once the swap is over (others reconcile with the backend).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
 POLL_S = 0.05
 SETTLE_S = 0.1  # lets a grant made just before the draining notice arrived reach Redis
+KEY_SPACE = "coord"
 _REDIS_TIMEOUT_S = 2.0
 _RECONNECT_S = 1.0
 
@@ -135,7 +138,9 @@ class RedisCoordinator:
         await self._redis.aclose()
 
     def _key(self, kind: str, name: str) -> str:
-        return f"{self._ns}:{kind}:{name}"
+        # A key space of its own: the response cache's keys (`<ns>:cache:...`) never collide
+        # with these, whatever a model is called, and purging the cache leaves them be.
+        return f"{self._ns}:{KEY_SPACE}:{kind}:{name}"
 
     # -- the lock ---------------------------------------------------------------------------
 
