@@ -1,7 +1,9 @@
-"""structlog JSON logs and the access-log middleware: one `request.done` line per request.
+"""structlog logs and the access-log middleware: one `request.done` line per request.
 
-Every line carries the request id (taken from `X-Request-ID` when the client sends a sane one,
-returned in the answer either way). Prompts and keys are never logged.
+On a terminal the lines are for people (aligned, coloured, local time); anywhere else (a pipe,
+a file, a container's log) they are JSON, one object per line (`--log-format` chooses). Every
+request's line carries the request id (taken from `X-Request-ID` when the client sends a sane
+one, returned in the answer either way). Prompts and keys are never logged.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import structlog
 from starlette.types import Receive, Scope, Send
@@ -21,22 +23,49 @@ Observer = Callable[[dict[str, Any], dict[str, Any]], None]  # (request state, l
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def configure_logging(level: str = "info") -> None:
+LOG_FORMATS = ("auto", "console", "json")
+
+
+def resolve_format(log_format: str = "auto", stream: IO[str] | None = None) -> str:
+    """`auto`: console on a terminal, JSON otherwise."""
+    if log_format != "auto":
+        return log_format
+    stream = stream or sys.stderr
+    return "console" if stream.isatty() else "json"
+
+
+def configure_logging(level: str = "info", log_format: str = "auto",
+                      quiet_events: frozenset[str] = frozenset()) -> None:
+    """`quiet_events`: event names left out (the demo hides its model servers' chatter)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
+    console = resolve_format(log_format) == "console"
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+                     if console else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
+            *([_drop(quiet_events)] if quiet_events else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.TimeStamper(fmt="%H:%M:%S" if console else "iso",
+                                             utc=not console),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def _drop(events: frozenset[str]) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
+    def drop(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("event") in events:
+            raise structlog.DropEvent
+        return event
+
+    return drop
 
 
 log = structlog.get_logger("gateway")
