@@ -74,7 +74,7 @@ def test_process_models_swap_and_recover_from_a_crash(start_gateway: Any) -> Non
     # b crashes while loaded: the gateway notices, marks it failed, and reloads on demand.
     pid_b = driver._processes["tiny-b"].pid
     os.kill(pid_b, signal.SIGKILL)
-    wait_until(lambda: httpx.get(gateway.url + "/models/tiny-b").json()["status"] == "failed",
+    wait_until(lambda: httpx.get(gateway.url + "/models/tiny-b").json()["state"] == "failed",
                message="crash noticed")
     assert "signal" in httpx.get(gateway.url + "/models/tiny-b").json()["error"]
     again = httpx.post(gateway.url + "/v1/chat/completions", json=ask("tiny-b"), timeout=30)

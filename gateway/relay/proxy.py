@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
+import structlog
 
 from gateway.calls.parse import ApiCall
 from gateway.config.schema import BackendConfig
 from gateway.errors import OPENAI_ERROR_TYPES, GatewayError
+from gateway.redaction import first_meaningful, public_line
 from gateway.relay.stream import ModelRenamer
 from gateway.relay.upstream import Upstreams
 from gateway.residency.backend_health import BackendHealth
@@ -26,6 +30,10 @@ _DONE_MARKER = b"data: [DONE]"
 # load time (`num_ctx` in the model's config) and keeps requests from changing it.
 _OLLAMA_RELOADING_FIELDS = frozenset({"options", "num_ctx"})
 _ERROR_BODY_LIMIT = 64 * 1024
+
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,20 +57,34 @@ def upstream_headers(client_headers: Mapping[str, str], backend: BackendConfig,
 
 
 def backend_failure(backend: BackendConfig, exc: BaseException) -> GatewayError:
-    """The client-facing error for a failure to talk to `backend`."""
+    """The client-facing error for a failure to talk to `backend`: what happened, in words; the
+    address and the exception stay in the log."""
     name = backend.name
+    log.warning("backend.failed", backend=name, error=f"{type(exc).__name__}: {exc}"[:500])
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return GatewayError(502, f"Backend '{name}' is unreachable: {exc.os_error}",
+        return GatewayError(502, f"Backend '{name}' is unreachable ({_connect_failure(exc)}).",
                             code="backend_unreachable")
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return GatewayError(504, f"Backend '{name}' did not answer in time.",
                             code="backend_timeout")
-    return GatewayError(502, f"Backend '{name}' failed: {type(exc).__name__}: {exc}",
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return GatewayError(502, f"Backend '{name}' sent an incomplete answer.",
+                            code="backend_error")
+    return GatewayError(502, f"Backend '{name}' failed: the connection broke off.",
                         code="backend_error")
 
 
+def _connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "its host name does not resolve"
+    reason = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connection timed out",
+              errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable"}
+    return reason.get(exc.os_error.errno or 0, "cannot connect")
+
+
 def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> GatewayError:
-    """A backend's own 4xx/5xx, kept as it is when OpenAI-shaped, re-wrapped otherwise."""
+    """A backend's own 4xx/5xx, kept as it is when OpenAI-shaped (the backend meant it for
+    clients), re-wrapped as one scrubbed line otherwise (an HTML page, a traceback)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -78,8 +100,12 @@ def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> Gate
             param=param if isinstance(param, str) else None,
             type=kind if kind in OPENAI_ERROR_TYPES else None,
         )
-    text = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()
-    message = f"Backend '{backend.name}' answered {status}: {text[:2000] or '(empty body)'}"
+    text = error if isinstance(error, str) else body.decode("utf-8", "replace")
+    if text.strip():
+        log.info("backend.error_answer", backend=backend.name, status=status, body=text[:2000])
+    lines = _HTML_TAG.sub(" ", text).splitlines()  # a proxy's error page says it in its title
+    said = first_meaningful(lines) or public_line("\n".join(lines))
+    message = f"Backend '{backend.name}' answered {status}: {said or '(empty body)'}"
     return GatewayError(status, message, code="backend_error")
 
 
@@ -91,6 +117,15 @@ def check_stream_answer(backend: BackendConfig, response: aiohttp.ClientResponse
         response.close()
         raise GatewayError(502, f"Backend '{backend.name}' answered a stream request with "
                                 f"'{kind}'.", code="backend_invalid_response")
+
+
+def _is_json(body: bytes) -> bool:
+    """A whole JSON document (a few µs for an answer of a few KB: cheap next to relaying it)."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 class Proxy:
@@ -160,7 +195,7 @@ class Proxy:
             response.close()  # cancelled (client gone): drop the connection, stop the backend
             raise
         response.release()
-        if body.lstrip()[:1] not in (b"{", b"["):
+        if not _is_json(body):
             raise GatewayError(502, f"Backend '{target.backend.name}' returned a non-JSON answer.",
                                code="backend_invalid_response")
         return renamer.rename(body) if renamer else body

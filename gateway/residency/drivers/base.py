@@ -9,7 +9,20 @@ from gateway.config.schema import BackendConfig, ModelConfig
 
 
 class DriverError(Exception):
-    """A load, unload or health check failed; the message says why, for users and logs."""
+    """A load, unload or health check failed.
+
+    The message is what a client may read: one line, no backend URLs, server paths, exception
+    class names or process output. `detail` keeps all of that for logs and for admins.
+    `retryable` is False when trying again cannot help until an operator acts (a model file
+    that does not exist, a command that cannot run): clients should then not retry.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None,
+                 retryable: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or message
+        self.retryable = retryable
 
 
 # Called by a driver when a model it had loaded went away by itself (crash, backend eviction).
@@ -39,6 +52,10 @@ class Driver(Protocol):
 
     async def health(self) -> bool:
         """Whether the backend answers at all."""
+
+    def after_request(self, model: ModelConfig) -> None:
+        """A request for `model` has ended (its lease was released); never blocks. Drivers
+        whose backend changes its own residency on requests (Ollama) react here."""
 
     async def close(self) -> None:
         """Release everything; a process driver stops the processes it started."""

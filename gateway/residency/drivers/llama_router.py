@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.config.schema import ModelConfig
 from gateway.residency.drivers.base import DriverError
-from gateway.residency.drivers.http import HttpDriver, answers, call
+from gateway.residency.drivers.http import HttpDriver
 
 # A sleeping child is still resident: the router wakes it on the next request.
 _RESIDENT = frozenset({"loaded", "sleeping"})
@@ -49,14 +49,13 @@ class LlamaRouterDriver(HttpDriver):
                 if served in self._by_id and status.get("value") in _RESIDENT}
 
     async def health(self) -> bool:
-        return await answers(self._session, f"{self.base_url}/health")
+        return await self._answers("/health")
 
     async def _request(self, action: str, model: ModelConfig, unless: frozenset[str]) -> None:
         """POST /models/{action}; the router refuses a load of a running model and an unload of
         a stopped one, which is already the state we want."""
         try:
-            await call(self._session, "POST", f"{self.base_url}/models/{action}",
-                       json={"model": model.served_name})
+            await self._call("POST", f"/models/{action}", json={"model": model.served_name})
         except DriverError:
             if (await self._status(model)).get("value") not in unless:
                 raise
@@ -86,10 +85,10 @@ class LlamaRouterDriver(HttpDriver):
 
     async def _statuses(self) -> dict[str, Status]:
         """Each model id (and alias) the router knows, with its `status` object."""
-        answer = await call(self._session, "GET", f"{self.base_url}/models", limit_s=10)
+        answer = await self._call("GET", "/models", limit_s=10)
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-            raise DriverError(f"llama.cpp router's /models gave an unexpected answer: "
-                              f"{answer!r:.200}")
+            raise DriverError("llama.cpp router's /models gave an unexpected answer",
+                              detail=f"{answer!r:.500}")
         statuses: dict[str, Status] = {}
         for entry in answer["data"]:
             status = entry.get("status") or {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.config.schema import ModelConfig
-from gateway.residency.drivers.http import HttpDriver, answers
+from gateway.residency.drivers.http import HttpDriver
 
 
 class StaticDriver(HttpDriver):
@@ -19,4 +19,4 @@ class StaticDriver(HttpDriver):
         return None
 
     async def health(self) -> bool:
-        return await answers(self._session, f"{self.base_url}/v1/models")
+        return await self._answers("/v1/models")

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from gateway.config.schema import ModelConfig
 from gateway.residency.drivers.base import DriverError
-from gateway.residency.drivers.http import HttpDriver, answers, call
+from gateway.residency.drivers.http import HttpDriver
 
 
 class VllmSleepDriver(HttpDriver):
     async def load(self, model: ModelConfig) -> None:
-        await call(self._session, "POST", f"{self.base_url}/wake_up")
+        await self._call("POST", "/wake_up")
 
     async def unload(self, model: ModelConfig) -> None:
-        await call(self._session, "POST", f"{self.base_url}/sleep?level=1")
+        await self._call("POST", "/sleep?level=1")
 
     async def resident(self) -> set[str] | None:
-        answer = await call(self._session, "GET", f"{self.base_url}/is_sleeping", limit_s=10)
+        answer = await self._call("GET", "/is_sleeping", limit_s=10)
         if not isinstance(answer, dict) or "is_sleeping" not in answer:
-            raise DriverError(f"vLLM's /is_sleeping gave an unexpected answer: {answer!r:.200}")
+            raise DriverError("vLLM's /is_sleeping gave an unexpected answer",
+                              detail=f"{answer!r:.500}")
         return set() if answer["is_sleeping"] else {model.name for model in self.models}
 
     async def health(self) -> bool:
-        return await answers(self._session, f"{self.base_url}/health")
+        return await self._answers("/health")
