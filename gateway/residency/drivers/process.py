@@ -1,6 +1,10 @@
 """`process`: one OS process per model (llama.cpp `llama-server`, `vllm serve`, SGLang), started
 from the backend's command template and ready once its health URL answers; stopped with SIGTERM to
-its process group, SIGKILL after the grace."""
+its process group, SIGKILL after the grace. None outlives the gateway (`process_guard`).
+
+Errors a client sees say what failed in one line ("model file not found: x.gguf", "the server
+exited with code 1: <its first error line>"); the server's output is in the log and in the
+error's `detail`."""
 
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import aiohttp
 import structlog
 
 from gateway.config.schema import BackendConfig, ModelConfig
+from gateway.redaction import first_meaningful, mask_argv
 from gateway.residency.drivers.base import DriverError, LostCallback
 from gateway.residency.drivers.http import answers
+from gateway.residency.drivers.process_guard import Registry, Watchdog, die_with_gateway
 
 log = structlog.get_logger(__name__)
 
@@ -47,13 +53,15 @@ class _ModelProcess:
     """
 
     def __init__(self, model: str, port: int, process: asyncio.subprocess.Process,
-                 on_crash: Callable[[_ModelProcess], None]) -> None:
+                 on_crash: Callable[[_ModelProcess], None],
+                 on_reaped: Callable[[int], None]) -> None:
         self.model = model
         self.url = f"http://{HOST}:{port}"
         self.port = port
         self.state = _State.STARTING
         self._process = process
         self._on_crash = on_crash
+        self._on_reaped = on_reaped
         self._output: deque[str] = deque(maxlen=_TAIL_LINES)
         self._reader = asyncio.create_task(self._read_output())
         self._watcher = asyncio.create_task(self._watch())
@@ -66,16 +74,25 @@ class _ModelProcess:
     def serving(self) -> bool:
         return self.state is _State.READY and self._process.returncode is None
 
-    def outcome(self) -> str:
-        """How the process ended, with its last output lines."""
+    def ended(self) -> str:
+        """How the process ended, with the first line of its output that names an error."""
         code = self._process.returncode
         assert code is not None
-        ended = (f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
-                 else f"exited with code {code}")
-        return f"process {ended}{self.tail()}"
+        how = (f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
+               else f"exited with code {code}")
+        said = first_meaningful(self._output)
+        return f"the server {how}" + (f": {said}" if said else "")
+
+    def outcome(self) -> str:
+        """How the process ended, with its last output lines (for logs and admins)."""
+        return self.ended() + self.tail()
 
     def tail(self) -> str:
         return "; last output:\n" + "\n".join(self._output) if self._output else "; no output"
+
+    def failure(self, message: str) -> DriverError:
+        return DriverError(f"{self.model}: {message}", detail=f"{self.model}: {message}"
+                           f"{self.tail()}")
 
     async def wait_ready(self, health_url: str, limit_s: float) -> None:
         """Poll `health_url` until it answers (503 while loading is normal), the process exits
@@ -86,12 +103,10 @@ class _ModelProcess:
                 while not await answers(session, health_url, limit_s=_PROBE_TIMEOUT):
                     await asyncio.wait({self._watcher}, timeout=delay)
                     if self._watcher.done():
-                        raise DriverError(f"{self.model}: {self.outcome()}")
+                        raise self.failure(self.ended())
                     delay = min(delay * 2, _POLL_MAX)
         except TimeoutError:
-            raise DriverError(
-                f"{self.model}: {health_url} did not answer within {limit_s:g}s{self.tail()}"
-            ) from None
+            raise self.failure(f"the server was not ready within {limit_s:g}s") from None
         self.state = _State.READY
 
     async def stop(self, grace: float) -> None:
@@ -117,6 +132,7 @@ class _ModelProcess:
         code = await self._process.wait()
         # Workers the server forked would outlive it, holding memory and our output pipe.
         _signal_group(self.pid, signal.SIGKILL)
+        self._on_reaped(self.pid)
         await asyncio.wait({self._reader}, timeout=_DRAIN_TIMEOUT)
         self._reader.cancel()
         await asyncio.wait({self._reader})
@@ -132,16 +148,24 @@ class ProcessDriver:
 
     manages_residency = True
 
-    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig]) -> None:
+    def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
+                 registry: Registry | None = None) -> None:
         self.backend = backend
         self.models = list(models)  # processes are started on demand, one per model
-        self._argv = _parse_template(backend.cmd or "")
+        self._argv = parse_template(backend.cmd or "")
+        self._uses_path = any("{path}" in arg for arg in self._argv)
         self._processes: dict[str, _ModelProcess] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._on_lost: LostCallback | None = None
+        self._registry = registry or Registry()
+        self._watchdog: Watchdog | None = None
 
     async def start(self, on_lost: LostCallback) -> None:
+        """Stop what an earlier gateway left running before anything is loaded here."""
         self._on_lost = on_lost
+        for record in await self._registry.sweep(self.backend.stop_grace):
+            log.warning("process.leftover_stopped", pid=record.pid, model=record.model,
+                        backend=record.backend)
 
     async def load(self, model: ModelConfig) -> None:
         async with self._locks[model.name]:
@@ -155,8 +179,10 @@ class ProcessDriver:
             try:
                 await process.wait_ready(process.url + self.backend.health_path,
                                          self.backend.start_timeout)
-            except BaseException:  # failed, timed out or cancelled: nothing may stay behind
+            except BaseException as exc:  # failed, timed out or cancelled: nothing may stay
                 await self._discard(process)
+                if isinstance(exc, DriverError):
+                    log.warning("process.failed", model=model.name, detail=exc.detail)
                 raise
             log.info("process.ready", model=model.name, pid=process.pid, url=process.url)
 
@@ -175,6 +201,9 @@ class ProcessDriver:
             raise DriverError(f"{model.name}: no process is serving it")
         return process.url
 
+    def after_request(self, model: ModelConfig) -> None:
+        pass  # a server process keeps its model for as long as it runs
+
     async def health(self) -> bool:
         return True  # no shared server: each model's process is its own health
 
@@ -182,22 +211,52 @@ class ProcessDriver:
         processes = list(self._processes.values())
         self._processes.clear()
         await asyncio.gather(*(p.stop(self.backend.stop_grace) for p in processes))
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
 
     async def _spawn(self, model: ModelConfig) -> _ModelProcess:
+        self._check_model_file(model)
         port = _free_port(taken={p.port for p in self._processes.values()})
         values = {"path": model.path or model.served_name, "port": str(port), "name": model.name,
                   "served_name": model.served_name, "host": HOST}
         argv = _fill(self._argv, values)
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.backend.stop_grace)
+            self._watchdog.start()
         try:
+            # Forked from the event loop's thread, which outlives every server (close() stops
+            # them before the loop ends): the death signal fires only when the gateway dies.
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env={**os.environ, **self.backend.env},
                 start_new_session=True,  # its own process group, so stop reaches its workers
+                preexec_fn=die_with_gateway(),
             )
         except OSError as exc:
-            raise DriverError(f"{model.name}: cannot start {argv[0]!r}: {exc}") from exc
-        log.info("process.start", model=model.name, pid=process.pid, port=port, argv=argv)
-        return _ModelProcess(model.name, port, process, self._crashed)
+            raise DriverError(f"{model.name}: cannot start {os.path.basename(argv[0])!r}: "
+                              f"{exc.strerror or exc}", detail=f"{argv[0]}: {exc}",
+                              retryable=False) from exc
+        shown = mask_argv(argv)
+        log.info("process.start", model=model.name, pid=process.pid, port=port, argv=shown)
+        self._registry.record(process.pid, self.backend.name, model.name, shown)
+        self._watchdog.watch(process.pid)
+        return _ModelProcess(model.name, port, process, self._crashed, self._reaped)
+
+    def _check_model_file(self, model: ModelConfig) -> None:
+        """A `{path}` that names a local file which is not there fails at once, and for good:
+        the server would only say so among many lines of output."""
+        path = model.path
+        if not self._uses_path or not path or not _looks_local(path) or os.path.exists(
+                os.path.expanduser(path)):
+            return
+        raise DriverError(f"model file not found: {os.path.basename(path)}",
+                          detail=f"{model.name}: {path} does not exist", retryable=False)
+
+    def _reaped(self, pid: int) -> None:
+        self._registry.forget(pid)
+        if self._watchdog is not None:
+            self._watchdog.release(pid)
 
     async def _discard(self, process: _ModelProcess) -> None:
         self._forget(process)
@@ -205,27 +264,38 @@ class ProcessDriver:
 
     def _crashed(self, process: _ModelProcess) -> None:
         self._forget(process)
+        log.warning("process.crashed", model=process.model, detail=process.outcome())
         if self._on_lost is not None:
-            self._on_lost(process.model, process.outcome())
+            self._on_lost(process.model, process.ended())
 
     def _forget(self, process: _ModelProcess) -> None:
         if self._processes.get(process.model) is process:
             del self._processes[process.model]
 
 
-def _parse_template(cmd: str) -> list[str]:
-    """Split before filling in, so that a path with spaces stays one argument."""
+def parse_template(cmd: str) -> list[str]:
+    """The command template as argv, or DriverError (not retryable) naming what is wrong.
+
+    Split before filling in, so that a path with spaces stays one argument. The config reader
+    may call this to refuse a bad template before anything starts.
+    """
     try:
         argv = shlex.split(cmd)
     except ValueError as exc:
-        raise DriverError(f"cmd {cmd!r}: {exc}") from None
+        raise DriverError(f"cmd {cmd!r}: {exc}", retryable=False) from None
     if not argv:
-        raise DriverError("cmd is empty")
+        raise DriverError("cmd is empty", retryable=False)
     unknown = sorted({name for arg in argv for name in _PLACEHOLDER.findall(arg)} - set(_FIELDS))
     if unknown:
         known = ", ".join(f"{{{name}}}" for name in _FIELDS)
-        raise DriverError(f"cmd {cmd!r}: unknown placeholder {{{unknown[0]}}} (known: {known})")
+        raise DriverError(f"cmd {cmd!r}: unknown placeholder {{{unknown[0]}}} (known: {known})",
+                          retryable=False)
     return argv
+
+
+def _looks_local(path: str) -> bool:
+    """A file path rather than a name the server resolves itself (a Hugging Face repo id)."""
+    return path.startswith(("/", "./", "../", "~")) or path.endswith((".gguf", ".bin"))
 
 
 def _fill(argv: list[str], values: Mapping[str, str]) -> list[str]:
