@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from gateway.config.schema import ConfigError, load_config, parse_config
 from tests.emulators import openai_server as vllm_emulator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_ENV = {"OPS_KEY": "sk-ops-example"}  # the full example's admin key comes from the env
 
 
 def test_old_swapper_config_loads_unchanged() -> None:
@@ -31,7 +33,7 @@ def test_old_swapper_config_loads_unchanged() -> None:
 
 
 def test_full_example_loads() -> None:
-    config = load_config(EXAMPLES / "gateway.yaml", env={})
+    config = load_config(EXAMPLES / "gateway.yaml", env=EXAMPLE_ENV)
     assert config.backends["vllm"].base_url == "http://gpu-box:8000"  # trailing /v1 normalised
     assert config.models["qwen2.5-7b"].aliases == ("qwen", "gpt-4o-mini")
     assert config.models["qwen2.5-7b"].ttl_s == 600
@@ -94,13 +96,14 @@ def test_bad_environment_value_is_named() -> None:
         parse_config({}, env={"MAX_CONCURRENT_MODELS": "many"})
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "swapper-gateway"), *args],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
 
 
 def test_check_config_accepts_a_good_file() -> None:
-    result = _cli("check-config", str(EXAMPLES / "gateway.yaml"))
+    result = _cli("check-config", "--strict", str(EXAMPLES / "gateway.yaml"), env=EXAMPLE_ENV)
     assert result.returncode == 0, result.stderr
     assert "llama-3.1-8b -> vllm:meta-llama/Llama-3.1-8B-Instruct" in result.stdout
 
@@ -123,7 +126,7 @@ def test_check_config_rejects_invalid_yaml(tmp_path: Path) -> None:
 
 def test_examples_have_no_unknown_keys() -> None:
     for name in ("swapper_config.yaml", "gateway.yaml"):
-        assert load_config(EXAMPLES / name, env={}).unknown_keys == ()
+        assert load_config(EXAMPLES / name, env=EXAMPLE_ENV).unknown_keys == ()
 
 
 def test_unknown_keys_are_reported_not_fatal() -> None:

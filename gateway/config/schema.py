@@ -212,8 +212,9 @@ class _Reader:
     """Reads typed values out of nested YAML mappings, naming file and key on error, and
     remembering which keys it read so that the others can be reported as unknown."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base_dir: Path | None = None) -> None:
         self.source = source
+        self.base_dir = base_dir  # where a relative key_file is looked for: the file's own dir
         self.seen: set[tuple[str, str]] = set()
         self.errors: list[str] = []
         self.broken: set[str] = set()  # backends refused: their models are not blamed again
@@ -662,10 +663,14 @@ def _secret(reader: _Reader, data: Mapping[str, Any], path: str,
         if not inline:
             raise reader.fail(_join(path, "key_env"), f"environment variable {variable} is unset")
     elif file:
+        secret = Path(file)
+        if not secret.is_absolute() and reader.base_dir is not None:
+            secret = reader.base_dir / secret  # beside the config, wherever it is run from
         try:
-            inline = Path(file).read_text(encoding="utf-8").strip()
+            inline = secret.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise reader.fail(_join(path, "key_file"), f"cannot read {file}: {exc}") from None
+            raise reader.fail(_join(path, "key_file"),
+                              f"cannot read {secret}: {exc.strerror or exc}") from None
     if not inline:
         raise reader.fail(path, "needs one of key, key_env or key_file")
     return inline
@@ -814,10 +819,12 @@ def _parse(reader: _Reader, data: Any, env: Mapping[str, str]) -> GatewayConfig:
 
 
 def parse_config(
-    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> GatewayConfig:
-    """The typed config, or ConfigError listing every problem of `data`."""
-    reader = _Reader(source)
+    """The typed config, or ConfigError listing every problem of `data`. `base_dir`: where
+    relative `key_file`s are (the config file's directory; default the working directory)."""
+    reader = _Reader(source, base_dir)
     config = _parse(reader, data, os.environ if env is None else env)
     if reader.errors:
         raise ConfigError.of(reader.errors)
@@ -893,4 +900,4 @@ def load_config(path: str | os.PathLike[str] | None = None,
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {exc}") from None
-    return parse_config(data, source=str(file), env=env)
+    return parse_config(data, source=str(file), env=env, base_dir=file.parent)
