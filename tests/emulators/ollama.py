@@ -82,6 +82,14 @@ def parse_keep_alive(value: Any, default: float | None) -> float | None:
     return None if seconds < 0 else seconds
 
 
+def server_keep_alive(value: float | str) -> float | None:
+    """OLLAMA_KEEP_ALIVE as Ollama's server reads it: a Go duration ("5m", "1.5s"), or a bare
+    integer of seconds ("300"); negative means forever. Numbers are taken as seconds too."""
+    if isinstance(value, str) and value.lstrip("+-").isdigit():
+        value = int(value)
+    return parse_keep_alive(value, None)
+
+
 class LoadError(Exception):
     """A model that fails to load, as when Ollama's llama runner dies."""
 
@@ -95,6 +103,10 @@ class Resident:
     last_used: float
     refs: int = 0  # requests holding the model
     deadline: float | None = None  # monotonic expiry once idle; None while busy or forever
+    # What /api/ps shows: like Ollama, the expiry set when the model last went idle, even while
+    # a request that has changed its keep-alive runs (None: forever); before that, unset.
+    shown_expiry: float | None = None
+    idled: bool = False
 
 
 class EmulatorState:
@@ -136,6 +148,7 @@ class EmulatorState:
         ] = []  # (model, memory|max_loaded|expired|unload|forced)
         self.max_loaded_bytes = 0
         self.requests: Counter[str] = Counter()  # inference requests (not load/unload calls)
+        self.keep_alive_calls: Counter[str] = Counter()  # no-prompt load/pin/unload calls
         self.in_flight = 0
         self.unloads_while_busy = 0  # keep_alive 0 arrived while the model had requests
         self.load_errors: dict[str, str] = {}  # canonical name -> error its loads fail with
@@ -238,8 +251,10 @@ class EmulatorState:
     def _start_idling(self, resident: Resident) -> None:
         if resident.keep_alive == 0:
             self._unload(resident.name, "unload")
-        elif resident.keep_alive is not None:
+            return
+        if resident.keep_alive is not None:
             resident.deadline = resident.last_used + resident.keep_alive
+        resident.idled, resident.shown_expiry = True, resident.deadline
 
     def _hold(self, key: str, keep_alive: float | None) -> bool:
         with self._lock:
@@ -263,10 +278,11 @@ class EmulatorState:
 
     def _expires_at(self, resident: Resident, now: float) -> datetime:
         wall = datetime.now(UTC).astimezone()
-        if resident.keep_alive is None:
-            return wall + FOREVER
-        deadline = resident.deadline if resident.deadline is not None else now + resident.keep_alive
-        return wall + timedelta(seconds=deadline - now)
+        if resident.idled:  # Ollama updates the shown expiry only when the model goes idle
+            deadline = resident.shown_expiry
+        else:  # never idle yet: Ollama computes it from the current keep-alive
+            deadline = None if resident.keep_alive is None else now + resident.keep_alive
+        return wall + FOREVER if deadline is None else wall + timedelta(seconds=deadline - now)
 
     async def _make_room(self, key: str) -> None:
         """Unload least-recently-used idle models until `key` fits; wait while all are busy."""
@@ -373,6 +389,7 @@ async def _infer(request: Request, state: EmulatorState, call: Call, render: Ren
 
 async def _load_or_unload(state: EmulatorState, call: Call, empty: dict[str, Any]) -> Response:
     """A request without a prompt loads the model, or unloads it when keep_alive is 0."""
+    state.keep_alive_calls[call.key] += 1
     if call.keep_alive == 0:
         state.request_unload(call.key)
         reason = "unload"
@@ -712,6 +729,8 @@ def create_app(
 
     `memory_gb` is the memory Ollama may fill before it evicts idle models by itself, and
     `max_loaded` mirrors OLLAMA_MAX_LOADED_MODELS; both unlimited by default.
+    `default_keep_alive` mirrors OLLAMA_KEEP_ALIVE ("5m", "300", 0.5 for half a second, "-1"):
+    what every request naming no keep_alive sets, and every /v1 request is one of those.
     """
     sizes = (
         models.items() if isinstance(models, Mapping) else ((m, DEFAULT_SIZE_GB) for m in models)
@@ -723,7 +742,7 @@ def create_app(
         max_loaded=max_loaded,
         token_delay=token_delay,
         tokens=tokens,
-        default_keep_alive=parse_keep_alive(default_keep_alive, None),
+        default_keep_alive=server_keep_alive(default_keep_alive),
         embedding_dim=embedding_dim,
         version=version,
     )
