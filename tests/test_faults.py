@@ -215,7 +215,8 @@ def outcome(gateway: ServerThread, body: dict[str, Any]) -> tuple[int, str, floa
     if body.get("stream"):
         with httpx.stream("POST", gateway.url + CHAT, json=body, timeout=30) as response:
             status = response.status_code
-            events = data_events(response) if status == 200 else []
+            as_json = response.headers["content-type"].startswith("application/json")
+            events = data_events(response) if status == 200 and not as_json else ["[DONE]"]
             error = error_of(response.read()) if status != 200 else None
         if status == 200 and events[-1] != "[DONE]":
             error = error_of(events[-1])

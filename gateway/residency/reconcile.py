@@ -34,10 +34,12 @@ class Truth:
     async def reconcile(self, backends: set[str] | None = None) -> None:
         """Align the states of these backends' models (all if None) with what each holds."""
         drivers = {id(s.driver): s.driver for s in self.slots.values() if s.managed}
+        surprises = self.surprises
         for driver in drivers.values():
             if backends is None or driver.backend.name in backends:
                 await self._reconcile_driver(driver)
-        self.wake()
+        if self.surprises != surprises:
+            self.wake()  # only news is worth a decision
 
     async def _reconcile_driver(self, driver: Driver) -> None:
         slots = [s for s in self.slots.values() if s.driver is driver]

@@ -209,6 +209,11 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def wake_at(self) -> float | None:
+        """When the scheduler will decide again with no event (None: only on the next one)."""
+        return self._wake_at
+
     async def _run(self) -> None:
         while True:
             delay = None if self._wake_at is None else max(0.0, self._wake_at - self.clock())

@@ -402,7 +402,11 @@ async def deliver(
 # The vLLM-like server
 # ---------------------------------------------------------------------------------------------
 
-FAILURES = frozenset({"500", "text500", "hang", "drop", "slow_first_byte", "garbage"})
+# "ignore_stream": answers JSON to a stream request, as some OpenAI-compatible servers do;
+# "malformed": JSON that starts well and breaks off; "odd_embeddings": a well-formed embeddings
+# answer whose items are not objects and whose usage numbers are null.
+FAILURES = frozenset({"500", "text500", "hang", "drop", "slow_first_byte", "garbage",
+                      "ignore_stream", "malformed", "odd_embeddings"})
 
 
 @dataclass
@@ -698,6 +702,13 @@ def _failure_response(mode: str) -> Response:
         return vllm_error(500, "Emulated internal server error", "InternalServerError")
     if mode == "text500":
         return PlainTextResponse("Internal Server Error", 500)
+    if mode == "malformed":
+        return Response(b'{"object": "list", "data": [{"embedding": [0.1, ', 200,
+                        media_type="application/json")
+    if mode == "odd_embeddings":
+        odd = {"object": "list", "data": [1, "two", None], "model": "x",
+               "usage": {"prompt_tokens": None, "total_tokens": None}}
+        return Response(orjson.dumps(odd), 200, media_type="application/json")
     return Response(b"<html><body>Bad Gateway</body>", 200, media_type="application/json")
 
 
@@ -730,9 +741,11 @@ async def _inference(request: Request) -> Response:
         state.in_flight -= 1
         return too_long
     mode = state.take_failure()
-    if mode in {"500", "text500", "garbage"}:
+    if mode in {"500", "text500", "garbage", "malformed", "odd_embeddings"}:
         state.in_flight -= 1
         return _failure_response(mode)
+    if mode == "ignore_stream":
+        body = {**body, "stream": False}
     if mode == "hang":
         await wait_disconnect(request)
         return _client_gone(state)
