@@ -147,7 +147,8 @@ def test_failed_load_answers_503_naming_the_cause_and_backs_off(start_gateway: A
     assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
     assert emulator(ollama).load_count["a:7b"] == 0  # refused at once during the backoff
     status = httpx.get(gateway.url + "/models/a").json()
-    assert status["status"] == "failed" and "more system memory" in status["error"]
+    assert status["status"] == "unloaded"  # the old service knew no "failed"
+    assert status["state"] == "failed" and "more system memory" in status["error"]
     # Nothing is wedged: the other models still serve.
     assert httpx.post(gateway.url + "/v1/chat/completions", json=ask("b")).status_code == 200
 

@@ -191,6 +191,7 @@ class Scheduler:
     def _release(self, slot: Slot, started: float) -> None:
         slot.released(self.clock(), started)
         self.coordinator.leased(slot.model.name, -1)
+        slot.driver.after_request(slot.model)  # Ollama: re-assert the keep-alive pin
         if slot.in_flight == 0 or slot.queue:
             self.wake()
 
