@@ -14,7 +14,7 @@ from gateway.calls.coalescing import Coalescer
 from gateway.calls.embedding_batch import EmbeddingBatcher
 from gateway.calls.parse import ApiCall
 from gateway.config.catalog import Catalog
-from gateway.config.reload import Loader, checked
+from gateway.config.reload import Loader, checked, refuse_if_blocked
 from gateway.config.schema import ConfigError, GatewayConfig, ModelConfig
 from gateway.metrics import Metrics
 from gateway.relay.proxy import Proxy
@@ -27,7 +27,7 @@ from gateway.residency.coordination import (
     replica_id,
 )
 from gateway.residency.drivers import create_driver
-from gateway.residency.drivers.base import Driver
+from gateway.residency.drivers.base import Driver, DriverError
 from gateway.residency.fallback import Fallback
 from gateway.residency.scheduler import Scheduler
 
@@ -80,30 +80,54 @@ class Services:
         return new
 
     async def _apply(self, new: GatewayConfig) -> None:
-        old, self.config = self.config, new
-        self.catalog = Catalog(new)
-        self.upstreams.update(dict(new.backends))
-        for name in set(self.drivers) - set(new.backends):
-            await self.drivers.pop(name).close()
+        """All or nothing. Every new driver is built and started before anything changes (a
+        bad one refuses the reload); the switch itself has no await, so no request sees half
+        of it; the drivers it replaced are closed after."""
+        catalog = Catalog(new)
+        built = self._build_drivers(new, catalog)
+        try:
+            for driver in built.values():
+                await driver.start(self.scheduler.model_lost)
+            # Requests went on while the drivers started: what is in use now decides.
+            refuse_if_blocked(self.config, new, self.scheduler.in_use())
+        except BaseException:
+            await asyncio.gather(*(d.close() for d in built.values()), return_exceptions=True)
+            raise
+        for driver in self._switch(new, catalog, built):
+            await driver.close()  # none of its models is in use (checked)
+
+    def _build_drivers(self, new: GatewayConfig, catalog: Catalog) -> dict[str, Driver]:
+        """Drivers for the backends `new` adds or changes; ConfigError if one cannot be."""
+        built: dict[str, Driver] = {}
         for name, backend in new.backends.items():
-            models = self._models_of(name)
-            driver = self.drivers.get(name)
-            if driver is not None and old.backends.get(name) == backend:
-                driver.models = models
+            if self.config.backends.get(name) == backend and name in self.drivers:
                 continue
-            if driver is not None:
-                await driver.close()  # none of its models is in use (checked)
-            self.drivers[name] = create_driver(backend, models, self.upstreams)
-            await self.drivers[name].start(self.scheduler.model_lost)
-        self.scheduler.apply(new, self.catalog, self.drivers)
+            try:
+                built[name] = create_driver(backend, _models_of(catalog, name), self.upstreams)
+            except DriverError as exc:
+                raise ConfigError(f"{new.source}: backends.{name}: {exc}") from None
+        return built
+
+    def _switch(self, new: GatewayConfig, catalog: Catalog,
+                built: Mapping[str, Driver]) -> list[Driver]:
+        """Install `new` at once (no await); the drivers it retires."""
+        retired = [self.drivers.pop(name) for name in set(self.drivers) - set(new.backends)]
+        retired += [self.drivers[name] for name in built if name in self.drivers]
+        self.drivers.update(built)  # in place: the fallback reads this very mapping
+        for name, driver in self.drivers.items():
+            driver.models = _models_of(catalog, name)
+        self.config, self.catalog = new, catalog
+        self.upstreams.update(dict(new.backends))
+        self.scheduler.apply(new, catalog, self.drivers)
         self.proxy.rename_models = new.server.rewrite_model_name
         self.cache.config = new.cache
         self.keys = KeyRing(new.auth)
         self.embeddings.window_s = new.embedding_batching.window_ms / 1000
         self.embeddings.max_inputs = new.embedding_batching.max_inputs
+        return retired
 
     def _models_of(self, backend: str) -> list[ModelConfig]:
-        return [m for m in self.catalog.all_models() if m.backend == backend]
+        return _models_of(self.catalog, backend)
 
     async def start(self) -> None:
         await self.scheduler.start()
@@ -128,6 +152,10 @@ class Services:
             response = await self.proxy.open(call, lease.target, headers or {}, request_id)
             return await self.proxy.read_json(response, lease.target,
                                               self.proxy.renamer(call, lease.target))
+
+
+def _models_of(catalog: Catalog, backend: str) -> list[ModelConfig]:
+    return [m for m in catalog.all_models() if m.backend == backend]
 
 
 def _coordinator(config: GatewayConfig) -> Coordinator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import yaml
 
 from gateway.app import create_app
 from gateway.config.reload import file_loader
-from gateway.config.schema import load_config
+from gateway.config.schema import BackendConfig, load_config
+from policies.types import State
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import free_port, stop_process, wait_until
@@ -168,3 +170,90 @@ def test_sighup_and_the_cli_reload_a_running_gateway(tmp_path: Path, start_serve
         assert models() == {"m2"}
     finally:
         stop_process(gateway, grace_s=20)
+
+
+# -- a reload cannot half-apply ----------------------------------------------------------------
+
+
+def test_a_driver_that_cannot_be_built_refuses_the_whole_reload(setup: Any, ollama: Any,
+                                                                start_server: Any) -> None:
+    """Even a template the config reader let through (a reader of another version, say) is
+    refused before anything changes: the old models, keys and routes all stay."""
+    gateway, config = setup
+    write(config, ollama.url, {"a": {"path": "ollama:a:7b", "size_gb": 4},
+                               "b": {"path": "ollama:b:7b", "size_gb": 4}})
+    good = load_config(config, env={})
+    broken = dataclasses.replace(good, backends={
+        **good.backends,
+        "local": BackendConfig(name="local", kind="process", cmd="llama-server --port {prot}")})
+    app = gateway.server.config.app
+    app.state.services.loader = lambda: broken
+    refused = reload(gateway)
+    assert refused.status_code == 400
+    assert "backends.local" in refused.text and "{prot}" in refused.text
+    assert models_listed(gateway) == {"a"}  # not "b": nothing of the new config applied
+    assert set(app.state.services.drivers) == {"ollama"}
+    assert httpx.post(gateway.url + "/v1/chat/completions", **ask("a")).status_code == 200
+
+
+def models_listed(gateway: Any) -> set[str]:
+    answer = httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {ADMIN}"})
+    return {model["id"] for model in answer.json()["data"]}
+
+
+def fallback_config(path: Path, dead_url: str, fallback: dict[str, Any] | None,
+                    startup_delay: str = "0.1") -> None:
+    cmd = (f"{sys.executable} -m tests.emulators.openai_server --port {{port}} "
+           f"--model {{served_name}} --startup-delay {startup_delay}")
+    model: dict[str, Any] = {"backend": "vllm", "served_name": "org/m", "size_gb": 4}
+    if fallback is not None:
+        model["fallback"] = [fallback]
+    path.write_text(yaml.safe_dump({
+        "auth": {"keys": [{"name": "ops", "key": ADMIN, "admin": True}]},
+        "batching": {"window_ms": 0, "min_residency_ms": 0},
+        "swapper": {"mode": "single-active", "model_swap_timeout": 30},
+        "backends": {"vllm": {"kind": "openai", "base_url": dead_url},
+                     "local": {"kind": "process", "cmd": cmd, "start_timeout": 20,
+                               "stop_grace": 5, "env": {"PYTHONPATH": str(ROOT)}}},
+        "models": {"m": model}}))
+
+
+def test_a_fallback_in_use_cannot_be_removed_or_changed(tmp_path: Path, start_server: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary is down, so a fallback process serves: removing that fallback, or changing
+    its command, would kill the server under its stream and drop its memory from the budget."""
+    monkeypatch.setenv("SWAPPER_STATE_DIR", str(tmp_path / "state"))
+    config = tmp_path / "swapper_config.yaml"
+    dead = f"http://127.0.0.1:{free_port()}"
+    fallback = {"backend": "local", "served_name": "m-local", "size_gb": 1}
+    fallback_config(config, dead, fallback)
+    gateway = start_server(create_app(load_config(config, env={}),
+                                      loader=file_loader(str(config))))
+    received: list[bytes] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions",
+                          **ask("m", stream=True, max_tokens=200)) as response:
+            received.extend(response.iter_bytes())
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    wait_until(lambda: bool(received), timeout=30, message="the fallback streaming")
+    services = gateway.server.config.app.state.services
+    process = services.drivers["local"]._processes["m@local"]
+    for change in (None, fallback | {"served_name": "m-other"}):
+        fallback_config(config, dead, change)
+        refused = reload(gateway)
+        assert refused.status_code == 400, refused.text
+        assert "fallback on backend 'local' is in use" in refused.text
+    fallback_config(config, dead, fallback, startup_delay="0.2")  # another cmd
+    assert reload(gateway).status_code == 400
+    streaming.join(30)
+    assert b"".join(received).endswith(b"data: [DONE]\n\n")  # not cut
+    assert services.drivers["local"]._processes["m@local"] is process  # the same server
+    assert process.serving
+    # Idle but resident, it still holds its memory: removing it still waits for an unload.
+    fallback_config(config, dead, None)
+    assert reload(gateway).status_code == 400
+    route = services.scheduler.slots["m@local"]
+    assert route.residency.state is State.LOADED and route.model.size_gb == 1
