@@ -56,7 +56,9 @@ def _load(path: str | None) -> GatewayConfig:
 # -- serve --------------------------------------------------------------------------------------
 
 
-def serve(args: argparse.Namespace, quiet_events: frozenset[str] = frozenset()) -> int:
+def serve(args: argparse.Namespace, quiet_events: frozenset[str] = frozenset(),
+          after_banner: str = "") -> int:
+    """`after_banner`: printed once the gateway listens (the demo's instructions)."""
     config = _load(args.config)
     log_format = resolve_format(args.log_format)
     configure_logging(config.server.log_level, log_format, quiet_events)
@@ -75,8 +77,12 @@ def serve(args: argparse.Namespace, quiet_events: frozenset[str] = frozenset()) 
     config = discover_ollama_models(config)
     loader = file_loader(config.source) if config.source != "<defaults>" else None
     app = create_app(config, loader=loader)
-    server = GatewayServer(uvicorn.Config(app, **options), app.state.services,
-                           lambda: _banner(config, host, port, log_format))
+    def announce() -> None:
+        _banner(config, host, port, log_format)
+        if after_banner:
+            print(after_banner, flush=True)
+
+    server = GatewayServer(uvicorn.Config(app, **options), app.state.services, announce)
     return server.serve_until_stopped(listening)
 
 
@@ -125,21 +131,31 @@ class GatewayServer(uvicorn.Server):
         if self.started:
             self.banner()
 
+    def _open_requests(self) -> int:
+        return sum(1 for task in self.server_state.tasks if not task.done())
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        streams = len(self.server_state.tasks)
-        plural = "" if streams == 1 else "s"
-        if self.should_exit and sig == signal.SIGINT and not self.force_exit:
-            _say_now(f"forced: cutting {streams} stream{plural}")
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._cut)  # safe from a signal handler
-        elif not self.should_exit:
-            self.services.ready = False  # the readiness probe turns away new traffic at once
-            _say_now(f"draining {streams} stream{plural}, Ctrl-C again to force" if streams
-                     else "shutting down")
+        forced = self.should_exit and sig == signal.SIGINT and not self.force_exit
+        first = not self.should_exit
         super().handle_exit(sig, frame)
+        if not (forced or first):
+            return
+        if self._loop is None:  # not started yet: nothing to drain or cut
+            _say_now("shutting down")
+            return
+        # The rest runs on the loop, between callbacks: never in the middle of a log line.
+        self._loop.call_soon_threadsafe(self._cut if forced else self._drain)
+
+    def _drain(self) -> None:
+        self.services.ready = False  # the readiness probe turns away new traffic at once
+        streams = self._open_requests()
+        _err(f"draining {streams} stream{'' if streams == 1 else 's'}, Ctrl-C again to force"
+             if streams else "shutting down")
 
     def _cut(self) -> None:
         """Second Ctrl-C: end what runs, without a traceback per cut stream."""
+        streams = self._open_requests()
+        _err(f"forced: cutting {streams} stream{'' if streams == 1 else 's'}")
         for name in ("uvicorn.error", "uvicorn.asgi"):
             logging.getLogger(name).disabled = True
         for task in list(self.server_state.tasks):

@@ -122,13 +122,13 @@ def run_demo(args: argparse.Namespace) -> int:
     config_file = Path(args.dir) / "swapper_config.yaml"
     config_file.write_text(yaml.safe_dump(demo_config(binary, paths, args.host, args.port),
                                           sort_keys=False), encoding="utf-8")
-    print(instructions(f"http://{args.host}:{args.port}", config_file), flush=True)
     from gateway.cli import parser, serve  # the CLI imports this module
 
     # Through the CLI's own parser, so that every option of `serve` has its default.
     serve_args = parser().parse_args(["serve", "--config", str(config_file),
                                       "--log-format", args.log_format])
-    return serve(serve_args, quiet_events=QUIET_EVENTS)
+    return serve(serve_args, quiet_events=QUIET_EVENTS,
+                 after_banner=instructions(f"http://{args.host}:{args.port}", config_file))
 
 
 def instructions(url: str, config_file: Path) -> str:

