@@ -260,13 +260,14 @@ def test_a_process_models_file_must_exist(tmp_path: Path) -> None:
     missing = tmp_path / "gone.gguf"
     models = {"ok": {"backend": "llama", "path": str(present)},
               "hub": {"backend": "llama", "path": "Qwen/Qwen2.5-0.5B-Instruct"},  # a name
+              "folder": {"backend": "llama", "path": str(tmp_path)},  # a HF model for vLLM
               "lost": {"backend": "llama", "path": str(missing)},
               "home": {"backend": "llama", "path": "~/models/x.gguf"}}
     with pytest.raises(ConfigError) as caught:
         parse_config({"backends": {"llama": PROCESS}, "models": models}, source="c.yaml",
                      env={})
     assert caught.value.errors == (
-        f"c.yaml: models.lost.path: file not found: {missing}",
+        f"c.yaml: models.lost.path: not found: {missing}",
         "c.yaml: models.home.path: '~/models/x.gguf': '~' is not expanded (the command runs "
         "without a shell); write the full path",
     )

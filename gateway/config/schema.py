@@ -419,8 +419,9 @@ def _check_cmd(reader: _Reader, cmd: str | None, key: str) -> None:
 
 def _check_model_file(reader: _Reader, model: ModelConfig, key: str,
                       backends: Mapping[str, BackendConfig]) -> None:
-    """A `process` model's `path` that names a file must exist: the server would fail to start
-    on the first request, far from the config that caused it."""
+    """A `process` model's `path` that names a file (a GGUF) or a folder (a Hugging Face model
+    for vLLM) must exist: the server would fail to start on the first request, far from the
+    config that caused it."""
     backend = backends.get(model.backend)
     if backend is None or backend.kind != "process" or not model.path:
         return
@@ -430,9 +431,9 @@ def _check_model_file(reader: _Reader, model: ModelConfig, key: str,
     if path.startswith("~"):
         reader.error(key, f"{path!r}: '~' is not expanded (the command runs without a shell); "
                           "write the full path")
-    elif _names_a_file(path) and not Path(path).is_file():
+    elif _names_a_file(path) and not Path(path).exists():
         where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
-        reader.error(key, f"file not found: {path}{where}")
+        reader.error(key, f"not found: {path}{where}")
 
 
 def _names_a_file(path: str) -> bool:
