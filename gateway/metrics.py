@@ -14,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.cache.responses import ResponseCache
 from gateway.residency.scheduler import Scheduler
+from gateway.residency.snapshot import SchedulerStatus
 from policies.types import State
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -94,7 +95,7 @@ class GatewayCollector:
         yield from (outcomes, written, errors, healthy)
 
     def _models(self) -> Iterator[Metric]:
-        now = self.scheduler.clock()
+        status = self.scheduler.status()
         active = GaugeMetricFamily("swapper_active_model", "1 if the model is loaded",
                                    labels=["model"])
         uptime = GaugeMetricFamily("swapper_model_uptime_seconds",
@@ -108,18 +109,60 @@ class GatewayCollector:
                                       labels=["model"])
         state = GaugeMetricFamily("swapper_model_state", "1 for the model's current state",
                                   labels=["model", "state"])
-        for name, slot in self.scheduler.slots.items():
-            r = slot.residency
-            active.add_metric([name], 1.0 if r.state is State.LOADED else 0.0)
-            uptime.add_metric([name], r.uptime_s(now))
-            loads.add_metric([name], r.load_count)
-            if r.last_load_s is not None:
-                last_load.add_metric([name], r.last_load_s)
-            queue.add_metric([name], len(slot.queue))
-            in_flight.add_metric([name], slot.in_flight)
+        # The old series keep their labels (dashboards match them exactly); where each route
+        # lives and what it measures are series of their own, with a `node` label.
+        placed = GaugeMetricFamily("swapper_model_node", "1 for the node each route sits on",
+                                   labels=["model", "node"])
+        memory = GaugeMetricFamily("swapper_model_memory_gb", "Memory a resident route holds: "
+                                   "measured, else its configured size_gb",
+                                   labels=["model", "node", "source"])
+        for name, model in status.models.items():
+            active.add_metric([name], 1.0 if model.state is State.LOADED else 0.0)
+            uptime.add_metric([name], model.uptime_s)
+            loads.add_metric([name], model.load_count)
+            if model.last_load_s is not None:
+                last_load.add_metric([name], model.last_load_s)
+            queue.add_metric([name], model.queue)
+            in_flight.add_metric([name], model.in_flight)
             for each in State:
-                state.add_metric([name, each.value], 1.0 if r.state is each else 0.0)
-        yield from (active, uptime, loads, last_load, queue, in_flight, state)
+                state.add_metric([name, each.value], 1.0 if model.state is each else 0.0)
+            placed.add_metric([name, model.node], 1.0)
+            if model.managed and model.state is State.LOADED:
+                source = "measured" if model.measured_gb is not None else "config"
+                memory.add_metric([name, model.node, source], model.resident_gb)
+        yield from (active, uptime, loads, last_load, queue, in_flight, state, placed, memory)
+        yield from self._nodes(status)
+
+    @staticmethod
+    def _nodes(status: SchedulerStatus) -> Iterator[Metric]:
+        budget = GaugeMetricFamily("swapper_node_memory_budget_gb", "The node's memory budget",
+                                   labels=["node"])
+        max_models = GaugeMetricFamily("swapper_node_max_models",
+                                       "Models the node may hold at once", labels=["node"])
+        resident = GaugeMetricFamily("swapper_node_resident_models", "Models loaded on the node",
+                                     labels=["node"])
+        resident_gb = GaugeMetricFamily("swapper_node_resident_gb", "Memory the node's budget "
+                                        "counts as used (measured sizes where known)",
+                                        labels=["node"])
+        measured = GaugeMetricFamily("swapper_node_measured_gb", "Memory measured on the node's "
+                                     "resident models", labels=["node"])
+        free = GaugeMetricFamily("swapper_node_free_gb", "Free GPU memory the node reported",
+                                 labels=["node"])
+        swapping = GaugeMetricFamily("swapper_node_swapping", "1 while a load or unload runs "
+                                     "on the node", labels=["node"])
+        for name, node in status.nodes.items():
+            if node.memory_budget_gb is not None:
+                budget.add_metric([name], node.memory_budget_gb)
+            if node.max_models is not None:
+                max_models.add_metric([name], node.max_models)
+            resident.add_metric([name], len(node.resident))
+            resident_gb.add_metric([name], node.resident_gb)
+            if node.measured_gb is not None:
+                measured.add_metric([name], node.measured_gb)
+            if node.free_gb is not None:
+                free.add_metric([name], node.free_gb)
+            swapping.add_metric([name], 1.0 if node.swapping else 0.0)
+        yield from (budget, max_models, resident, resident_gb, measured, free, swapping)
 
 
 def wants_prometheus(accept: str) -> bool:

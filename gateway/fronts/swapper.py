@@ -7,6 +7,7 @@ gateway's own figures are extra keys beside them. A caller sees only the models 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +18,10 @@ from starlette.routing import Route
 
 from gateway import __version__
 from gateway.access.auth import Access, access_of
+from gateway.config.schema import ModelConfig
 from gateway.errors import model_not_found
 from gateway.metrics import render, wants_prometheus
-from gateway.residency.admission import Slot
+from gateway.residency.snapshot import ModelStatus, SchedulerStatus
 from gateway.services import Services
 from policies.types import State
 
@@ -41,6 +43,30 @@ def iso_local(wall: float | None) -> str | None:
     return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """A public model as the caller sees it: its config, its own route's status, all routes."""
+
+    config: ModelConfig
+    status: ModelStatus
+    routes: list[ModelStatus]
+
+    @property
+    def request_count(self) -> int:
+        """API calls for the model, whichever of its routes served them."""
+        return sum(route.request_count for route in self.routes)
+
+
+@dataclass(frozen=True)
+class _View:
+    status: SchedulerStatus
+    models: dict[str, _Shown]
+
+    @property
+    def loaded(self) -> list[str]:
+        return [name for name, shown in self.models.items() if shown.status.state is State.LOADED]
+
+
 class SwapperApi:
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -60,28 +86,30 @@ class SwapperApi:
 
     # -- what the caller may see ------------------------------------------------------------
 
-    def _slots(self, access: Access) -> dict[str, Slot]:
-        """The public models' slots the caller may see (fallback routes show in their model's
-        status)."""
-        return {name: slot for name, slot in self.services.scheduler.slots.items()
-                if slot.model.route_of is None and access.may_see(slot.model)}
+    def _visible(self, access: Access) -> _View:
+        """The public models the caller may see, from one snapshot of the scheduler (fallback
+        routes show in their model's status)."""
+        status = self.services.scheduler.status()
+        catalog = self.services.catalog
+        models = {}
+        for name, model in status.models.items():
+            config = catalog.get(name)
+            if model.name == model.model and config is not None and access.may_see(config):
+                models[name] = _Shown(config, model, status.routes_of(name))
+        return _View(status, models)
 
-    def _slot(self, request: Request) -> Slot:
+    def _one(self, request: Request) -> _Shown:
         name = request.path_params["name"]
         model = self.services.catalog.resolve(name)
-        slot = self._slots(access_of(request.scope)).get(model.name)
-        if slot is None:
+        shown = self._visible(access_of(request.scope)).models.get(model.name)
+        if shown is None:
             raise model_not_found(name)
-        return slot
-
-    @staticmethod
-    def _loaded(slots: dict[str, Slot]) -> list[str]:
-        return [n for n, s in slots.items() if s.residency.state is State.LOADED]
+        return shown
 
     # -- routes -----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        loaded = self._loaded(self._slots(access_of(request.scope)))
+        loaded = self._visible(access_of(request.scope)).loaded
         return _json({
             "status": "healthy",
             "service": SERVICE,
@@ -96,33 +124,55 @@ class SwapperApi:
         return _json({"ready": ready}, status=200 if ready else 503)
 
     async def status(self, request: Request) -> Response:
-        access = access_of(request.scope)
-        slots = self._slots(access)
-        loaded = self._loaded(slots)
+        view = self._visible(access_of(request.scope))
+        loaded = view.loaded
         swapper = self.services.config.swapper
         return _json({
             "status": "healthy",
             "active_model": loaded[0] if loaded else None,
-            "available_models": list(slots),
+            "available_models": list(view.models),
             "loaded_models": loaded,
             "mode": swapper.mode,
-            "total_models": len(slots),
+            "total_models": len(view.models),
             "max_concurrent_models": swapper.max_concurrent_models,
             "memory_budget_gb": swapper.memory_budget_gb,
-            "resident_gb": sum(s.model.size_gb for s in slots.values()
-                               if s.managed and s.residency.state is State.LOADED),
-            "models": {name: self._model_status(slot) for name, slot in slots.items()},
+            "resident_gb": sum(shown.status.size_gb for shown in view.models.values()
+                               if shown.status.managed and shown.status.state is State.LOADED),
+            "models": {name: self._model_status(shown, view.status)
+                       for name, shown in view.models.items()},
             "cache": self._cache_status(),
-            "decisions": self._decisions(set(slots)),
+            "decisions": self._decisions(view),
+            "nodes": self._nodes(view),
         })
 
-    def _decisions(self, visible: set[str]) -> list[dict[str, Any]]:
-        scheduler = self.services.scheduler
+    @staticmethod
+    def _decisions(view: _View) -> list[dict[str, Any]]:
+        visible = {route.name for shown in view.models.values() for route in shown.routes}
         return [
             {"at": iso_local(d.at), "action": d.action, "model": d.model, "waiting": d.waiting,
-             "reason": d.reason, "served": scheduler.served(d) if d.action == "load" else None}
-            for d in reversed(scheduler.decisions) if d.model in visible
+             "reason": d.reason, "served": d.served, "node": d.node}
+            for d in view.status.decisions if d.model in visible
         ]
+
+    @staticmethod
+    def _nodes(view: _View) -> dict[str, Any]:
+        """Each node's budget and what it holds (the routes the caller may see)."""
+        visible = {route.name for shown in view.models.values() for route in shown.routes}
+        return {
+            name: {
+                "mode": node.mode,
+                "max_concurrent_models": node.max_models,
+                "memory_budget_gb": node.memory_budget_gb,
+                "host_memory_gb": node.host_memory_gb,
+                "backends": list(node.backends),
+                "resident_models": [m for m in node.resident if m in visible],
+                "resident_gb": round(node.resident_gb, 3),
+                "measured_gb": node.measured_gb,
+                "free_gb": node.free_gb,
+                "swapping": node.swapping,
+            }
+            for name, node in view.status.nodes.items()
+        }
 
     def _cache_status(self) -> dict[str, Any]:
         cache = self.services.cache
@@ -135,96 +185,92 @@ class SwapperApi:
             "errors": stats.errors,
         }
 
-    def _model_status(self, slot: Slot) -> dict[str, Any]:
-        r = slot.residency
-        serving = self.services.fallback.choose(slot.model)
+    def _model_status(self, shown: _Shown, status: SchedulerStatus) -> dict[str, Any]:
+        m = shown.status
+        serving = self.services.fallback.choose(shown.config, status)
         return {
-            "status": _OLD_STATUS[r.state],
-            "state": r.state.value,
-            "backend": slot.model.backend,
+            "status": _OLD_STATUS[m.state],
+            "state": m.state.value,
+            "backend": m.backend,
             "serving_backend": serving.backend,
-            "routes": {
-                route.backend: self.services.scheduler.slots[route.name].residency.state.value
-                for route in self.services.catalog.routes(slot.model)
-            },
-            "queue_depth": len(slot.queue),
-            "in_flight": slot.in_flight,
-            "error": r.error,
+            "routes": {route.backend: route.state.value for route in shown.routes},
+            "queue_depth": m.queue,
+            "in_flight": m.in_flight,
+            "error": m.error,
+            "node": m.node,
+            "nodes": {route.backend: route.node for route in shown.routes},
+            "measured_gb": m.measured_gb,
         }
 
-    def _request_count(self, slot: Slot) -> int:
-        """API calls for the model, whichever of its routes served them."""
-        slots = self.services.scheduler.slots
-        return sum(slots[route.name].request_count
-                   for route in self.services.catalog.routes(slot.model) if route.name in slots)
-
-    def _describe(self, slot: Slot) -> dict[str, Any]:
-        r, model = slot.residency, slot.model
+    def _describe(self, shown: _Shown) -> dict[str, Any]:
+        m, model = shown.status, shown.config
         return {
             "name": model.name,
             "ollama_name": model.served_name,
             "type": model.type,
             "size_gb": model.size_gb,
             "priority": model.priority,
-            "status": _OLD_STATUS[r.state],
-            "loaded_at": iso_local(r.loaded_at),
-            "unloaded_at": iso_local(r.unloaded_at),
-            "total_uptime_seconds": round(r.uptime_s(self.services.scheduler.clock()), 3),
-            "state": r.state.value,
+            "status": _OLD_STATUS[m.state],
+            "loaded_at": iso_local(m.loaded_at),
+            "unloaded_at": iso_local(m.unloaded_at),
+            "total_uptime_seconds": round(m.uptime_s, 3),
+            "state": m.state.value,
             "backend": model.backend,
             "aliases": list(model.aliases),
-            "request_count": self._request_count(slot),
-            "load_count": r.load_count,
-            "last_load_seconds": r.last_load_s,
-            "error": r.error,
+            "request_count": shown.request_count,
+            "load_count": m.load_count,
+            "last_load_seconds": m.last_load_s,
+            "error": m.error,
+            "node": m.node,
+            "measured_gb": m.measured_gb,
         }
 
-    def _metrics(self, slot: Slot) -> dict[str, Any]:
-        r = slot.residency
-        uptime = r.uptime_s(self.services.scheduler.clock())
+    @staticmethod
+    def _metrics(shown: _Shown) -> dict[str, Any]:
+        m = shown.status
         return {
-            "model_name": slot.model.name,
-            "status": _OLD_STATUS[r.state],
-            "loaded_at": iso_local(r.loaded_at),
-            "uptime_hours": round(uptime / 3600, 6),
-            "request_count": self._request_count(slot),
-            "total_uptime_seconds": round(uptime, 3),
-            "load_count": r.load_count,
-            "last_load_seconds": r.last_load_s,
+            "model_name": m.name,
+            "status": _OLD_STATUS[m.state],
+            "loaded_at": iso_local(m.loaded_at),
+            "uptime_hours": round(m.uptime_s / 3600, 6),
+            "request_count": shown.request_count,
+            "total_uptime_seconds": round(m.uptime_s, 3),
+            "load_count": m.load_count,
+            "last_load_seconds": m.last_load_s,
         }
 
     async def list_models(self, request: Request) -> Response:
-        models = [self._describe(slot) for slot in self._slots(access_of(request.scope)).values()]
+        view = self._visible(access_of(request.scope))
+        models = [self._describe(shown) for shown in view.models.values()]
         return _json({"models": models, "total_models": len(models)})
 
     async def get_model(self, request: Request) -> Response:
-        return _json(self._describe(self._slot(request)))
+        return _json(self._describe(self._one(request)))
 
     async def load(self, request: Request) -> Response:
-        slot = self._slot(request)
-        await self.services.scheduler.load(slot.model.name)
-        return self._done(slot, "loaded")
+        name = self._one(request).config.name
+        await self.services.scheduler.load(name)
+        return self._done(name, "loaded")
 
     async def unload(self, request: Request) -> Response:
-        slot = self._slot(request)
-        await self.services.scheduler.unload(slot.model.name)
-        return self._done(slot, "unloaded")
+        name = self._one(request).config.name
+        await self.services.scheduler.unload(name)
+        return self._done(name, "unloaded")
 
-    @staticmethod
-    def _done(slot: Slot, what: str) -> Response:
-        name = slot.model.name
+    def _done(self, name: str, what: str) -> Response:
+        state = self.services.scheduler.status().models[name].state
         return _json({"status": "success", "model": name, "message": f"Model {name} {what}",
-                      "model_status": _OLD_STATUS[slot.residency.state]})
+                      "model_status": _OLD_STATUS[state]})
 
     async def metrics(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
         if wants_prometheus(accept):
             body, content_type = render(self.services.metrics.registry, accept)
             return Response(body, media_type=content_type)
-        slots = self._slots(access_of(request.scope))
-        metrics = [self._metrics(slot) for slot in slots.values()]
+        view = self._visible(access_of(request.scope))
+        metrics = [self._metrics(shown) for shown in view.models.values()]
         return _json({"metrics": metrics,
                       "total_requests": sum(m["request_count"] for m in metrics)})
 
     async def model_metrics(self, request: Request) -> Response:
-        return _json(self._metrics(self._slot(request)))
+        return _json(self._metrics(self._one(request)))

@@ -70,6 +70,7 @@ class Slot:
 
     residency: Residency
     driver: Driver
+    node: str = "default"  # the node its backend sits on: its budget and swap lane
     queue: deque[Waiter] = field(default_factory=deque)
     in_flight: int = 0
     admission: Admission = Admission.OPEN

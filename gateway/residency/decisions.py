@@ -23,6 +23,7 @@ class Decision:
     reason: str
     requests_before: int = 0  # the model's request count when it was chosen
     served: int | None = None  # requests served by this residency, once it ended
+    node: str = "default"  # the node whose lane it ran on
 
 
 class DecisionLog:

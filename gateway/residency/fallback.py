@@ -18,8 +18,8 @@ from gateway.config.schema import ModelConfig
 from gateway.residency.backend_health import BackendHealth
 from gateway.residency.drivers.base import Driver
 from gateway.residency.scheduler import Scheduler
+from gateway.residency.snapshot import SchedulerStatus
 from policies.fallback import RouteView, choose_route
-from policies.types import State
 
 log = structlog.get_logger("gateway.residency.fallback")
 
@@ -34,17 +34,17 @@ class Fallback:
         self.drivers = drivers
         self.health = health
 
-    def choose(self, model: ModelConfig) -> ModelConfig:
-        """The route that serves `model` now."""
+    def choose(self, model: ModelConfig, status: SchedulerStatus | None = None) -> ModelConfig:
+        """The route that serves `model` now (`status`: a snapshot the caller already has)."""
         routes = self._catalog().routes(model)
         if len(routes) == 1:
             return model
-        return routes[choose_route([self._view(route) for route in routes])]
+        status = status or self.scheduler.status()
+        return routes[choose_route([self._view(route, status) for route in routes])]
 
-    def _view(self, route: ModelConfig) -> RouteView:
-        slot = self.scheduler.slots.get(route.name)
-        blocked = slot is not None and slot.residency.state is State.FAILED \
-            and not slot.residency.may_load(self.scheduler.clock())
+    def _view(self, route: ModelConfig, status: SchedulerStatus) -> RouteView:
+        shown = status.models.get(route.name)
+        blocked = shown is not None and shown.load_blocked
         return RouteView(backend_up=self.health.up(route.backend), load_blocked=blocked)
 
     async def watch(self) -> None:

@@ -43,6 +43,7 @@ from gateway.residency.coordination import Coordinator, LocalCoordinator
 from gateway.residency.decisions import Decision, DecisionLog
 from gateway.residency.drivers.base import Driver, DriverError
 from gateway.residency.reconcile import Truth
+from gateway.residency.snapshot import DecisionStatus, ModelStatus, NodeStatus, SchedulerStatus
 from gateway.residency.state import Residency
 from policies.backoff import retry_delay
 from policies.eviction import fits_at_all
@@ -51,6 +52,7 @@ from policies.scheduling import decide
 from policies.types import ModelView, State
 
 log = structlog.get_logger("gateway.scheduler")
+DEFAULT_NODE = "default"
 
 RECONCILE_INTERVAL_S = 10.0
 DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
@@ -369,6 +371,58 @@ class Scheduler:
     def served(self, decision: Decision) -> int:
         return self.decisions.served(decision)
 
+    # -- the read model -----------------------------------------------------------------------
+
+    def status(self) -> SchedulerStatus:
+        """A frozen snapshot of nodes, models and decisions: what every reader reads."""
+        now, wall = self.clock(), time.time()
+        models = {name: self._model_status(slot, now, wall) for name, slot in self.slots.items()}
+        return SchedulerStatus(
+            at=wall, swapping=self.swap_running(), nodes=self._node_status(models),
+            models=models, decisions=tuple(self._decision_status(d) for d in
+                                           reversed(self.decisions)))
+
+    def _model_status(self, slot: Slot, now: float, wall: float) -> ModelStatus:
+        r, model, view = slot.residency, slot.model, slot.view(now)
+
+        def wall_of(at: float | None) -> float | None:
+            return None if at is None else wall - (now - at)
+
+        loading = r.state is State.LOADING and r.load_started is not None
+        return ModelStatus(
+            name=model.name, model=model.public_name, backend=model.backend, node=slot.node,
+            managed=slot.managed, state=r.state, admission=slot.admission.value,
+            queue=len(slot.queue), in_flight=slot.in_flight, request_count=slot.request_count,
+            load_count=r.load_count, size_gb=model.size_gb, measured_gb=None,
+            priority=model.priority, loaded_at=r.loaded_at, unloaded_at=r.unloaded_at,
+            last_used=wall_of(slot.last_used) if slot.last_used else None,
+            uptime_s=r.uptime_s(now), ttl_expires_at=wall_of(_ttl_due(view)),
+            load_elapsed_s=now - (r.load_started or now) if loading else None,
+            load_timeout_s=self.config.swapper.load_timeout_s if loading else None,
+            last_load_s=r.last_load_s, error=r.error,
+            retry_at=wall_of(r.retry_at) if r.state is State.FAILED else None,
+            retryable=r.retryable, load_blocked=r.state is State.FAILED and not r.may_load(now),
+            view=view,
+        )
+
+    def _node_status(self, models: Mapping[str, ModelStatus]) -> dict[str, NodeStatus]:
+        swapper = self.config.swapper
+        mine = [m for m in models.values() if m.managed]
+        resident = [m for m in mine if m.state is State.LOADED]
+        return {DEFAULT_NODE: NodeStatus(
+            name=DEFAULT_NODE, mode=swapper.mode, max_models=self.budget.max_models,
+            memory_budget_gb=self.budget.memory_gb, host_memory_gb=None, budget=self.budget,
+            backends=tuple(self.drivers), models=tuple(m.name for m in mine),
+            resident=tuple(m.name for m in resident),
+            resident_gb=sum(m.view.size_gb for m in mine if m.view.resident),
+            measured_gb=None, free_gb=None, swapping=self._swapping)}
+
+    def _decision_status(self, decision: Decision) -> DecisionStatus:
+        served = self.served(decision) if decision.action == "load" else None
+        return DecisionStatus(at=decision.at, node=decision.node, action=decision.action,
+                              model=decision.model, waiting=decision.waiting,
+                              reason=decision.reason, served=served)
+
     def _fail_queue(self, slot: Slot, error: GatewayError) -> None:
         while slot.queue:
             waiter = slot.queue.popleft()
@@ -441,3 +495,9 @@ class Scheduler:
         await self.coordinator.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.close()
+
+
+def _ttl_due(view: ModelView) -> float | None:
+    """When an idle loaded model's ttl unloads it (monotonic); None when none is due."""
+    idle = view.state is State.LOADED and view.in_flight == 0 and view.queued == 0
+    return view.last_used + view.ttl_s if idle and view.ttl_s > 0 else None
