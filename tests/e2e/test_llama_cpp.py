@@ -105,7 +105,7 @@ def test_killed_model_process_is_restarted_by_the_next_request(
     [pid] = pids_running(tiny_models[CHAT_A])
 
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: gateway_models(gateway)[CHAT_A]["status"] == "failed",
+    wait_until(lambda: gateway_models(gateway)[CHAT_A]["state"] == "failed",
                message="the gateway to notice the crash")
     reply = client.chat.completions.create(model=CHAT_A, messages=HELLO, max_tokens=MAX_TOKENS)
 
