@@ -31,6 +31,9 @@ _INT_RANGES = {
 }
 _NUMBER_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
 _USAGE_STREAMS = frozenset({"chat/completions", "completions"})
+# Answers relayed as they come, whatever their content type (audio, or a transcript as text,
+# SRT or JSON): never checked to be JSON, never renamed, no heartbeat frames in them.
+RELAYED_ENDPOINTS = frozenset({"audio/speech", "audio/transcriptions", "audio/translations"})
 
 
 @dataclass
@@ -47,6 +50,10 @@ class ApiCall:
         """A completion stream whose client did not ask for usage: the gateway asks for it all
         the same (for the cache record and token budgets) and keeps it from the client."""
         return self.stream and not self.include_usage and self.endpoint in _USAGE_STREAMS
+
+    @property
+    def relayed(self) -> bool:
+        return self.endpoint in RELAYED_ENDPOINTS
 
     def body_for(self, served_name: str, drop: frozenset[str] = frozenset()) -> bytes:
         """The body to send upstream: the client's bytes unless the model name must change,
