@@ -8,12 +8,15 @@ connection is closed (no orphan generation) and every `finally` (lease release) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import orjson
 from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError
 
 T = TypeVar("T")
 
@@ -22,6 +25,10 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",  # nginx ingress: do not buffer the stream
 }
+
+
+_CUT = GatewayError(503, "The gateway was stopped before this stream was complete; retry.",
+                    code="shutting_down")
 
 
 class ClientGone(Exception):
@@ -64,12 +71,14 @@ class RelayResponse:
         # Runs however the response ends, even if the body was never started (a client that
         # left at once): a generator's own `finally` does not run then.
         self.on_close = on_close
+        self._client_left = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            self._client_left = watcher.done()
         finally:
             watcher.cancel()
             if not producer.done():
@@ -89,6 +98,12 @@ class RelayResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away while we were writing
+        except asyncio.CancelledError:
+            if not self._client_left:  # cut by a forced shutdown: say so to a client still there
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": _CUT.sse_event()})
+            raise
         finally:
             aclose = getattr(self.body, "aclose", None)
             if aclose is not None:
