@@ -11,8 +11,9 @@ import httpx
 import pytest
 import redis
 
-from gateway.residency.coordination import Notice, RedisCoordinator
+from gateway.residency.coordination import RENEW_S, SETTLE_S, Notice, RedisCoordinator
 from tests.emulators import ollama as ollama_emulator
+from tests.redis_server import RedisServer
 from tests.servers import wait_until
 
 
@@ -78,9 +79,118 @@ async def test_notices_reach_the_other_replicas(
         return Notice("ollama", "a") in heard["two"]
 
     await _eventually(announced)
-    assert await one.drain("ollama", "a", wait_s=1)
+    async with one.lock(["ollama"], wait_s=1) as held:
+        assert held and await one.drain("ollama", "a", wait_s=1)
     await _eventually(heard_draining)
     assert heard["one"] == []  # a replica does not hear itself
+
+
+# -- failing safe -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def replicas_on_own_redis(
+        own_redis: RedisServer) -> AsyncIterator[tuple[RedisCoordinator, RedisCoordinator]]:
+    """Two started coordinators on a Redis the test may stop, that have seen each other."""
+    settled(own_redis)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    one, two = (RedisCoordinator(own_redis.url, name, namespace) for name in ("one", "two"))
+    for coordinator in (one, two):
+        await coordinator.start(lambda notice: None)
+    await _eventually(lambda: _true(one._others == 1 and two._others == 1))
+    yield one, two
+    for coordinator in (one, two):
+        await coordinator.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def settled(redis_server: RedisServer) -> None:
+    """Wait until the Redis is older than SETTLE_S: before, it may have forgotten a lock."""
+    client = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: client.info("server")["uptime_in_seconds"] >= SETTLE_S,
+               timeout=SETTLE_S + 5, message="Redis settled")
+    client.close()
+
+
+def restart(redis_server: RedisServer) -> None:
+    """Stop and start again on the same port: a Redis without persistence comes back empty."""
+    redis_server.stop()
+    redis_server.start()
+
+
+async def test_without_redis_a_replica_neither_locks_nor_drains(
+        replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
+        own_redis: RedisServer) -> None:
+    one, _ = replicas_on_own_redis
+    own_redis.stop()
+    async with one.lock(["ollama"], wait_s=0.5) as held:
+        assert not held  # waited for Redis, and did not pretend
+    assert not await one.drain("ollama", "a", wait_s=0.5)
+
+
+async def test_a_replica_that_saw_no_other_swaps_alone_without_redis(
+        own_redis: RedisServer) -> None:
+    settled(own_redis)
+    solo = RedisCoordinator(own_redis.url, "solo", f"test-{uuid.uuid4().hex[:8]}")
+    await solo.start(lambda notice: None)
+    try:
+        await _eventually(lambda: _true(solo.alone))
+        own_redis.stop()
+        async with solo.lock(["ollama"], wait_s=5) as held:
+            assert held and held.alone
+            assert await solo.drain("ollama", "a", wait_s=1)
+    finally:
+        await solo.close()
+
+
+async def test_a_held_lock_outlives_a_redis_restart(
+        replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
+        own_redis: RedisServer) -> None:
+    one, two = replicas_on_own_redis
+    async with one.lock(["ollama"], wait_s=1) as held:
+        assert held
+        restart(own_redis)  # forgets the lock
+        async with two.lock(["ollama"], wait_s=1) as early:
+            assert not early  # a Redis this young may have forgotten a holder: nobody locks
+        client = redis.Redis.from_url(own_redis.url)
+        key = f"{one._ns}:coord:lock:ollama"
+        await _eventually(lambda: _true(client.get(key) == b"one"))  # re-asserted
+        async with two.lock(["ollama"], wait_s=SETTLE_S + 1) as meanwhile:
+            assert not meanwhile  # Redis settled, and the lock is still one's
+        assert held.held
+        client.close()
+    async with two.lock(["ollama"], wait_s=5) as after:
+        assert after
+
+
+async def test_a_lock_lost_midway_is_visible_and_stops_the_drain(
+        replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
+        own_redis: RedisServer) -> None:
+    one, _ = replicas_on_own_redis
+    client = redis.Redis.from_url(own_redis.url)
+    async with one.lock(["ollama"], wait_s=1) as held:
+        assert held
+        client.set(f"{one._ns}:coord:lock:ollama", "intruder", px=60_000)
+        await _eventually(lambda: _true(not held.held), timeout_s=RENEW_S * 3)
+        assert not await one.drain("ollama", "a", wait_s=1)
+    client.close()
+
+
+async def test_after_a_restart_the_drain_waits_for_the_others_counts(
+        replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
+        own_redis: RedisServer) -> None:
+    one, two = replicas_on_own_redis
+    two.leased("a", 1)  # a stream on two
+    await _eventually(lambda: one.in_flight_elsewhere("a"), timeout_s=5)
+    restart(own_redis)  # the count is forgotten
+    async with one.lock(["ollama"], wait_s=SETTLE_S + 5) as held:
+        assert held
+        assert not await one.drain("ollama", "a", wait_s=1)  # two's count is back: it stays
+        two.leased("a", -1)
+        assert await one.drain("ollama", "a", wait_s=5)
 
 
 def test_purging_the_cache_leaves_coordination_alone(start_gateway: Any, start_server: Any,
@@ -91,7 +201,7 @@ def test_purging_the_cache_leaves_coordination_alone(start_gateway: Any, start_s
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     gateway = start_gateway({
         "batching": {"window_ms": 0, "min_residency_ms": 0},
-        "cache": {"redis_url": redis_url, "namespace": namespace},
+        "cache": {"redis_url": redis_url, "namespace": namespace, "redis_timeout_s": 1},
         "backends": {"ollama": {"kind": "ollama", "base_url": ollama.url}},
         "models": {"lock": {"path": "ollama:lock:7b", "size_gb": 4}},
     })
@@ -99,6 +209,7 @@ def test_purging_the_cache_leaves_coordination_alone(start_gateway: Any, start_s
     client = redis.Redis.from_url(redis_url)
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         assert http.post("/v1/chat/completions", json=body).headers["x-cache"] == "MISS"
+        wait_until(lambda: client.keys(f"{namespace}:cache:*") != [], message="answer stored")
         assert http.post("/v1/chat/completions", json=body).headers["x-cache"] == "HIT"
         wait_until(lambda: client.exists(f"{namespace}:coord:inflight:lock") == 1,
                    message="in-flight counts written")

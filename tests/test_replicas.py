@@ -16,9 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 
+from gateway.residency.coordination import SETTLE_S
 from tests.emulators import ollama as ollama_emulator
+from tests.redis_server import RedisServer
 from tests.servers import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +56,8 @@ def _replica(config: Path, log: Path) -> Iterator[str]:
     assert "Traceback" not in log.read_text()
 
 
-@pytest.fixture
-def replicas(redis_url: str, tmp_path: Path) -> Iterator[Replicas]:
-    """Start n replicas of one config against the given Ollama; their URLs."""
+@contextmanager
+def _replicas_on(redis_url: str, tmp_path: Path) -> Iterator[Replicas]:
     with ExitStack() as stack:
 
         def start(ollama_url: str, models: str, n: int = 2) -> list[str]:
@@ -65,6 +67,20 @@ def replicas(redis_url: str, tmp_path: Path) -> Iterator[Replicas]:
                     for i in range(n)]
 
         yield start  # type: ignore[misc]
+
+
+@pytest.fixture
+def replicas(redis_url: str, tmp_path: Path) -> Iterator[Replicas]:
+    """Start n replicas of one config against the given Ollama; their URLs."""
+    with _replicas_on(redis_url, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def replicas_on_own_redis(own_redis: RedisServer, tmp_path: Path) -> Iterator[Replicas]:
+    """Replicas coordinating through a Redis the test may kill; its log files in tmp_path."""
+    with _replicas_on(own_redis.url, tmp_path) as start:
+        yield start
 
 
 def _ready(url: str) -> bool:
@@ -148,3 +164,93 @@ def test_interleaved_traffic_on_two_replicas_never_loads_twice(replicas: Any,
     state = ollama.server.config.app.state.emulator
     wait_until(lambda: state.in_flight == 0, message="the emulator idle")
     _assert_one_model_at_a_time(state)
+
+
+# -- Redis failing mid-swap -------------------------------------------------------------------
+
+
+def _settled(server: RedisServer) -> None:
+    """Redis older than SETTLE_S: before that, nobody swaps (it may have forgotten a lock)."""
+    client = redis.Redis.from_url(server.url)
+    wait_until(lambda: client.info("server")["uptime_in_seconds"] >= SETTLE_S,
+               timeout=SETTLE_S + 5, message="Redis settled")
+    client.close()
+
+
+def _model(url: str, model: str) -> dict[str, Any]:
+    """The model as the replica's /status shows it (state, queue_depth, in_flight...)."""
+    return httpx.get(f"{url}/status", timeout=5).json()["models"][model]
+
+
+class _Ask:
+    """A non-streamed request answered in its own thread."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.response: httpx.Response | None = None
+        self._thread = threading.Thread(target=self._run, args=(url, model), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, model: str) -> None:
+        self.response = httpx.post(url + "/v1/chat/completions", json=_ask(model), timeout=90)
+
+    def result(self) -> httpx.Response:
+        self._thread.join(90)
+        assert self.response is not None
+        return self.response
+
+
+def _said(log: Path, event: str) -> bool:
+    return event in log.read_text()
+
+
+def test_redis_dying_while_a_replica_drains_cuts_no_stream(
+        replicas_on_own_redis: Replicas, own_redis: RedisServer, start_server: Any,
+        tmp_path: Path) -> None:
+    """Replica 2 wants b and waits for replica 1's stream on a; Redis dies meanwhile. Without
+    the others' counts it must not unload a: it waits for Redis, then swaps."""
+    ollama = start_server(ollama_emulator.create_app(
+        {"a:7b": 4.0, "b:7b": 4.0}, load_delay=0.2, tokens=60, token_delay=0.05))
+    first, second = replicas_on_own_redis(ollama.url, "ab")
+    _settled(own_redis)
+    assert httpx.post(first + "/v1/chat/completions", json=_ask("a"), timeout=60).status_code == 200
+    on_first = _Stream(first, "a")
+    assert on_first.started.wait(20)
+    wants_b = _Ask(second, "b")
+    wait_until(lambda: _model(second, "b")["queue_depth"] == 1, message="b wanted on second")
+    own_redis.stop()
+    assert on_first.result().endswith(b"data: [DONE]\n\n")  # not cut
+    wait_until(lambda: _said(tmp_path / "replica1.log", "coordination.unavailable"),
+               message="second to find Redis gone")
+    state = ollama.server.config.app.state.emulator
+    assert state.loaded == frozenset({"a:7b"}) and state.unloads_while_busy == 0
+    own_redis.start()
+    answer = wants_b.result()
+    assert answer.status_code == 200, answer.text  # service resumed with Redis
+    _assert_one_model_at_a_time(state)
+    assert state.loaded == frozenset({"b:7b"})
+
+
+def test_redis_dying_while_a_replica_loads_never_exceeds_the_budget(
+        replicas_on_own_redis: Replicas, own_redis: RedisServer, start_server: Any,
+        tmp_path: Path) -> None:
+    """Replica 2 is loading b when Redis dies; replica 1, asked for a meanwhile, cannot get the
+    lock and must not load a beside b: it waits for Redis, then swaps in turn."""
+    ollama = start_server(ollama_emulator.create_app(
+        {"a:7b": 4.0, "b:7b": 4.0}, load_delay=2.0, tokens=4, token_delay=0.01))
+    first, second = replicas_on_own_redis(ollama.url, "ab")
+    _settled(own_redis)
+    assert httpx.post(first + "/v1/chat/completions", json=_ask("a"), timeout=60).status_code == 200
+    wants_b = _Ask(second, "b")
+    wait_until(lambda: _model(second, "b")["state"] == "loading", message="b loading on second")
+    own_redis.stop()
+    wants_a = _Ask(first, "a")
+    assert wants_b.result().status_code == 200  # the load under way finished
+    wait_until(lambda: _said(tmp_path / "replica0.log", "coordination.unavailable"),
+               message="first to find Redis gone")
+    state = ollama.server.config.app.state.emulator
+    assert state.loaded == frozenset({"b:7b"}) and state.max_loaded_bytes <= 4 * GB
+    own_redis.start()
+    answer = wants_a.result()
+    assert answer.status_code == 200, answer.text
+    _assert_one_model_at_a_time(state)
+    assert state.loaded == frozenset({"a:7b"})

@@ -9,6 +9,14 @@ All keys live under `<ns>:coord:`, apart from the response cache's `<ns>:cache:`
   whose heartbeat key (`<ns>:coord:replica:<id>`) expired are ignored.
 - Notices on `<ns>:coord:residency:<backend>`: `draining <model>` before an unload (others stop
   granting it), then a plain notice once the swap is over (others reconcile with the backend).
+
+It fails safe. A replica that cannot get the lock, keep it, or read the others' counts neither
+loads nor unloads: it waits for Redis (up to the swap timeout) instead of guessing. The one
+exception is a replica that last saw no other replica alive: it goes on as a single replica
+would (a replica started while Redis was away has seen nobody, and assumes company). A Redis
+that comes back empty (restarted without persistence) has forgotten locks and counts: for the
+first SETTLE_S of a Redis server's uptime nobody takes a lock or trusts the counts, time for
+every replica to re-assert the lock it still holds and to write its counts again.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -27,24 +36,51 @@ from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
 
-LOCK_LEASE_S = 15.0  # renewed every third of it while held; frees the box if a replica dies
-HEARTBEAT_S = 2.0
+LOCK_LEASE_S = 15.0  # frees the box this long after a replica holding the lock died
+RENEW_S = 1.0  # the holder renews (or, after a Redis restart, re-asserts) its lock this often
+# Renewals failing this long: the lease may have run out, so the lock is no longer vouched for.
+LOST_AFTER_S = LOCK_LEASE_S * 2 / 3
+HEARTBEAT_S = 2.0  # also how often a replica writes all its counts again
 HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
+SETTLE_S = 2 * HEARTBEAT_S  # a young Redis: time for locks to be re-asserted, counts rewritten
 POLL_S = 0.05
-SETTLE_S = 0.1  # lets a grant made just before the draining notice arrived reach Redis
+GRANT_SETTLE_S = 0.1  # lets a grant made just before the draining notice arrived reach Redis
 KEY_SPACE = "coord"
 _REDIS_TIMEOUT_S = 2.0
 _RECONNECT_S = 1.0
+_BACKOFF_MAX_S = 1.0
 
-# Compare-and-delete / compare-and-extend: only the holder may release or renew its lock.
+# Seconds since this Redis server started: a young one may have lost what replicas wrote.
+_UPTIME = ("local up = tonumber(string.match(redis.call('info', 'server'), "
+           "'uptime_in_seconds:(%d+)')) ")
+# 1: the lock is ours; 0: another replica holds it; -1: Redis has just (re)started.
+_ACQUIRE = _UPTIME + (
+    "if up < tonumber(ARGV[3]) then return -1 end "
+    "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end return 0")
+# 1: renewed; 2: it was gone (Redis restarted) and is ours again; 0: another replica has it.
+_RENEW = (
+    "local holder = redis.call('get', KEYS[1]) "
+    "if holder == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    "if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
+    "return 0")
+# Compare-and-delete: only the holder may release its lock.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end " \
            "return 0"
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
-         "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Beat; the number of other replicas alive.
+_HEARTBEAT = (
+    "redis.call('set', KEYS[1], '1', 'PX', ARGV[2]) redis.call('sadd', KEYS[2], ARGV[1]) "
+    "local others = 0 "
+    "for _, r in ipairs(redis.call('smembers', KEYS[2])) do if r ~= ARGV[1] then "
+    "if redis.call('exists', ARGV[3] .. r) == 1 then others = others + 1 "
+    "else redis.call('srem', KEYS[2], r) end end end "
+    "return others")
+_UNREACHABLE = (RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,25 @@ class Notice:
 OnNotice = Callable[[Notice], None]
 
 
+class SwapLock:
+    """What `lock()` yields: truthy while held.
+
+    `held` turns False if the lock is lost midway (another replica holds it now, or it could
+    not be renewed for longer than is safe): its holder must then begin no further load or
+    unload. `alone`: held without Redis, by a replica that last saw no other.
+    """
+
+    def __init__(self, held: bool = False, *, alone: bool = False) -> None:
+        self.held = held
+        self.alone = alone
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def __repr__(self) -> str:
+        return f"SwapLock(held={self.held}, alone={self.alone})"
+
+
 class Coordinator(Protocol):
     shared: bool  # other replicas may exist: reconcile before swapping
 
@@ -66,8 +121,9 @@ class Coordinator(Protocol):
     async def close(self) -> None: ...
 
     def lock(self, backends: Iterable[str],
-             wait_s: float) -> AbstractAsyncContextManager[bool]:
-        """Hold the backends' locks inside the block; yields False if not got within `wait_s`."""
+             wait_s: float) -> AbstractAsyncContextManager[SwapLock]:
+        """Hold the backends' locks inside the block; the SwapLock is falsy if they were not
+        got within `wait_s`, and turns falsy if they are lost meanwhile."""
         ...
 
     def leased(self, model: str, delta: int) -> None:
@@ -75,7 +131,8 @@ class Coordinator(Protocol):
         ...
 
     async def drain(self, backend: str, model: str, wait_s: float) -> bool:
-        """Tell the others to stop granting `model`; True once none of them serves it."""
+        """Tell the others to stop granting `model`; True once none of them serves it. False
+        when that cannot be known (Redis away) or the backend's lock is not held: no unload."""
         ...
 
     async def changed(self, backends: Iterable[str]) -> None:
@@ -95,8 +152,8 @@ class LocalCoordinator:
         pass
 
     @contextlib.asynccontextmanager
-    async def lock(self, backends: Iterable[str], wait_s: float) -> AsyncIterator[bool]:
-        yield True
+    async def lock(self, backends: Iterable[str], wait_s: float) -> AsyncIterator[SwapLock]:
+        yield SwapLock(held=True, alone=True)
 
     def leased(self, model: str, delta: int) -> None:
         pass
@@ -118,12 +175,23 @@ class RedisCoordinator:
     def __init__(self, url: str, replica: str, namespace: str = "swapper") -> None:
         self.replica = replica
         self._ns = namespace
+        # One immediate retry (a pooled connection a restarted Redis closed), no back-off: a
+        # Redis that is away must be known at once, not after seconds of retries.
         self._redis: Redis = Redis.from_url(url, socket_timeout=_REDIS_TIMEOUT_S,
-                                            socket_connect_timeout=_REDIS_TIMEOUT_S)
+                                            socket_connect_timeout=_REDIS_TIMEOUT_S,
+                                            retry=Retry(NoBackoff(), 1))
         self._counts: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._flush = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._others: int | None = None  # other live replicas at the last heartbeat
+        self._held: dict[str, SwapLock] = {}  # backend -> the lock held on it now
+        self._unavailable = False  # Redis is away: said once per outage
+
+    @property
+    def alone(self) -> bool:
+        """The last heartbeat Redis answered saw no other replica."""
+        return self._others == 0
 
     async def start(self, on_notice: OnNotice) -> None:
         self._tasks = [asyncio.create_task(work) for work in (
@@ -133,8 +201,9 @@ class RedisCoordinator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*_UNREACHABLE):
             await self._redis.delete(self._key("replica", self.replica))
+            await self._redis.srem(self._key("replicas", "all"), self.replica)
         await self._redis.aclose()
 
     def _key(self, kind: str, name: str) -> str:
@@ -145,44 +214,102 @@ class RedisCoordinator:
     # -- the lock ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lock(self, backends: Iterable[str], wait_s: float) -> AsyncIterator[bool]:
-        keys = [self._key("lock", b) for b in sorted(set(backends))]  # one order: no deadlock
-        held: list[str] = []
-        renewing = asyncio.create_task(self._renew(held))
+    async def lock(self, backends: Iterable[str], wait_s: float) -> AsyncIterator[SwapLock]:
+        names = sorted(set(backends))  # one order: no deadlock
+        keys = [self._key("lock", b) for b in names]
+        handle, taken = await self._take(keys, wait_s)
+        renewing = asyncio.create_task(self._renew(handle, taken)) if handle.held else None
+        if handle.held:
+            self._held.update(dict.fromkeys(names, handle))
+        try:
+            yield handle
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
+            for name in names:
+                if self._held.get(name) is handle:
+                    del self._held[name]
+            handle.held = False
+            with contextlib.suppress(*_UNREACHABLE):
+                for key in taken:
+                    await self._redis.eval(_RELEASE, 1, key, self.replica)
+
+    async def _take(self, keys: list[str], wait_s: float) -> tuple[SwapLock, list[str]]:
+        """The lock (held or not) and the keys set in Redis; releases what it got if it fails."""
+        taken: list[str] = []
         try:
             async with asyncio.timeout(wait_s):
                 for key in keys:
-                    await self._acquire(key)
-                    held.append(key)
+                    if not await self._acquire(key):
+                        # Kept (re-asserted) as soon as Redis answers again, like any lock.
+                        return SwapLock(held=True, alone=True), keys
+                    taken.append(key)
         except TimeoutError:
-            log.info("coordination.lock_busy", keys=keys)
-        except (RedisError, OSError) as exc:
-            # Availability first: without Redis, swap as a single replica would.
-            log.warning("coordination.unavailable", error=str(exc))
-            held[:] = keys
-        try:
-            yield len(held) == len(keys)
-        finally:
-            renewing.cancel()
-            with contextlib.suppress(RedisError, OSError):
-                for key in held:
+            log.info("coordination.lock_busy", keys=keys, wait_s=wait_s)
+            with contextlib.suppress(*_UNREACHABLE):
+                for key in taken:
                     await self._redis.eval(_RELEASE, 1, key, self.replica)
+            return SwapLock(), []
+        return SwapLock(held=True), taken
 
-    async def _acquire(self, key: str) -> None:
+    async def _acquire(self, key: str) -> bool:
+        """Wait for `key` (True once set); False at once if Redis is away and this replica is
+        known to be alone. Any other replica waits for Redis: no lock, no swap."""
         lease_ms = int(LOCK_LEASE_S * 1000)
+        backoff = POLL_S
         while True:
-            if await self._redis.set(key, self.replica, nx=True, px=lease_ms):
-                return
+            try:
+                got = await self._redis.eval(_ACQUIRE, 1, key, self.replica, lease_ms,
+                                             SETTLE_S)
+            except _UNREACHABLE as exc:
+                if self.alone:
+                    self._say_unavailable(exc, "swapping as the only replica")
+                    return False
+                self._say_unavailable(exc, "no swap until Redis answers")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            self._say_available()
+            if got == 1:
+                return True
             await asyncio.sleep(POLL_S)  # a release is not announced: poll
 
-    async def _renew(self, held: list[str]) -> None:
-        while True:
-            await asyncio.sleep(LOCK_LEASE_S / 3)
-            for key in held:
-                with contextlib.suppress(RedisError, OSError):
-                    if not await self._redis.eval(_RENEW, 1, key, self.replica,
-                                                  int(LOCK_LEASE_S * 1000)):
-                        log.warning("coordination.lock_lost", key=key)
+    async def _renew(self, handle: SwapLock, keys: list[str]) -> None:
+        """Keep the lock while the block runs; `handle.held` goes False if it is lost."""
+        renewed = time.monotonic()
+        lease_ms = int(LOCK_LEASE_S * 1000)
+        while handle.held:
+            await asyncio.sleep(RENEW_S)
+            try:
+                results = [await self._redis.eval(_RENEW, 1, key, self.replica, lease_ms)
+                           for key in keys]
+            except _UNREACHABLE as exc:
+                if not handle.alone and time.monotonic() - renewed > LOST_AFTER_S:
+                    self._lose(handle, keys, f"not renewed for {LOST_AFTER_S:g}s: {exc}")
+                continue
+            if 0 in results:
+                self._lose(handle, keys, "another replica holds it")
+                return
+            if 2 in results:
+                log.warning("coordination.lock_reasserted", keys=keys,
+                            reason="Redis had forgotten it")
+            renewed = time.monotonic()
+
+    @staticmethod
+    def _lose(handle: SwapLock, keys: list[str], reason: str) -> None:
+        handle.held = False
+        log.warning("coordination.lock_lost", keys=keys, reason=reason)
+
+    def _say_unavailable(self, exc: BaseException, consequence: str) -> None:
+        if not self._unavailable:
+            self._unavailable = True
+            log.warning("coordination.unavailable", error=str(exc)[:200], then=consequence)
+
+    def _say_available(self) -> None:
+        if self._unavailable:
+            self._unavailable = False
+            log.info("coordination.available")
 
     # -- in-flight counts -------------------------------------------------------------------
 
@@ -201,17 +328,27 @@ class RedisCoordinator:
                     for model in models:
                         pipe.hset(self._key("inflight", model), self.replica, self._counts[model])
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except _UNREACHABLE as exc:
                 self._dirty |= models  # absolute values: the next flush repairs it
-                log.warning("coordination.flush_failed", error=str(exc))
+                log.warning("coordination.flush_failed", error=str(exc)[:200])
                 await asyncio.sleep(_RECONNECT_S)
                 self._flush.set()
 
     async def _heartbeat(self) -> None:
+        ttl_ms = int(HEARTBEAT_TTL_S * 1000)
         while True:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.set(self._key("replica", self.replica), 1,
-                                      px=int(HEARTBEAT_TTL_S * 1000))
+            try:
+                self._others = int(await self._redis.eval(
+                    _HEARTBEAT, 2, self._key("replica", self.replica),
+                    self._key("replicas", "all"), self.replica, ttl_ms,
+                    self._key("replica", "")))
+            except _UNREACHABLE:
+                pass  # `alone` keeps what Redis last said
+            else:
+                # Counts are written again on every beat: a Redis that lost them has them back
+                # before it is SETTLE_S old.
+                self._dirty.update(self._counts)
+                self._flush.set()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def in_flight_elsewhere(self, model: str) -> int:
@@ -228,25 +365,40 @@ class RedisCoordinator:
         return sum(counts[r] for r, beat in zip(others, alive, strict=True) if beat is not None)
 
     async def drain(self, backend: str, model: str, wait_s: float) -> bool:
+        handle = self._held.get(backend)
+        if handle is None or not handle.held:
+            log.warning("coordination.drain_refused", model=model, reason="lock not held")
+            return False
         try:
             await self._publish(backend, model)
-            await asyncio.sleep(SETTLE_S)
+            await asyncio.sleep(GRANT_SETTLE_S)
             async with asyncio.timeout(wait_s):
-                while busy := await self.in_flight_elsewhere(model):
+                while busy := await self._busy_elsewhere(model):
                     log.debug("coordination.waiting", model=model, in_flight_elsewhere=busy)
                     await asyncio.sleep(POLL_S)
+                    if not handle.held:
+                        return False
         except TimeoutError:
             log.info("coordination.drain_timeout", model=model, wait_s=wait_s)
             return False
-        except (RedisError, OSError) as exc:
-            log.warning("coordination.unavailable", error=str(exc))
-        return True
+        except _UNREACHABLE as exc:
+            if handle.alone or self.alone:
+                return handle.held  # nobody else can be serving it
+            self._say_unavailable(exc, f"{model} stays: the others' requests cannot be counted")
+            return False
+        return handle.held
+
+    async def _busy_elsewhere(self, model: str) -> int:
+        """Requests elsewhere, or 1 while Redis is young (the counts may not be back yet)."""
+        if int(await self._redis.eval(_UPTIME + "return up", 0)) < SETTLE_S:
+            return 1
+        return await self.in_flight_elsewhere(model)
 
     # -- notices ----------------------------------------------------------------------------
 
     async def changed(self, backends: Iterable[str]) -> None:
         for backend in set(backends):
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*_UNREACHABLE):
                 await self._publish(backend, None)
 
     async def _publish(self, backend: str, draining: str | None) -> None:
@@ -255,16 +407,20 @@ class RedisCoordinator:
 
     async def _listen(self, on_notice: OnNotice) -> None:
         prefix = self._key("residency", "")
+        heard: set[str] = set()  # backends other replicas swap on
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.psubscribe(prefix + "*")
+                    for backend in heard:  # notices may have been missed meanwhile: look again
+                        on_notice(Notice(backend))
                     async for message in pubsub.listen():
                         notice = self._notice(message, prefix)
                         if notice is not None:
+                            heard.add(notice.backend)
                             on_notice(notice)
-            except (RedisError, OSError) as exc:
-                log.warning("coordination.listen_failed", error=str(exc))
+            except _UNREACHABLE as exc:
+                log.warning("coordination.listen_failed", error=str(exc)[:200])
                 await asyncio.sleep(_RECONNECT_S)
 
     def _notice(self, message: dict[str, Any], prefix: str) -> Notice | None:
