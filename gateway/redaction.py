@@ -15,6 +15,11 @@ _PATH = re.compile(r"(?<![\w.:/-])(?:~|\.{1,2})?(?:/[\w.@+-]+)+/?")
 _HOST_PORT = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\[[0-9a-f:]+\](?::\d+)?", re.I)
 _BEARER = re.compile(r"\b(bearer\s+|sk-)[\w.-]+", re.I)
 _EXCEPTION_NAME = re.compile(r"\b(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception):\s*")
+# A log line's own prefix: a timestamp (llama.cpp's "0.00.005.743", "2024-06-01 12:00:00,123")
+# and a level letter or word after it.
+_LOG_PREFIX = re.compile(
+    r"^\s*\[?\d+(?:[.:/-]\d+){2,}(?:[T ,]\d+(?:[.:,]\d+)*)?\]?\s+"
+    r"(?:(?:INFO|WARN(?:ING)?|ERROR|DEBUG|[IWEDF])\b)?\s*")
 _TRACEBACK = re.compile(r"^\s*(Traceback \(most recent call last\)|File \".*\", line \d+)")
 # Lines that say what failed, the plainest first: an "error:" line beats a "failed to" one.
 _ERROR_LINE = re.compile(r"\berror\b|\bfatal\b|exception|not found|no such file|"
@@ -73,5 +78,5 @@ def first_meaningful(lines: Iterable[str]) -> str | None:
 def public_line(text: str, limit: int = LINE_LIMIT) -> str:
     """The first non-empty line of `text`, scrubbed and cut to `limit` characters."""
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    line = scrub(line)
+    line = scrub(_LOG_PREFIX.sub("", line) if _LOG_PREFIX.match(line) else line)
     return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"

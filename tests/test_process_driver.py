@@ -197,7 +197,7 @@ async def test_exit_during_start_reports_code_and_its_error_line() -> None:
     async with running(tiny_backend("--fail", "CUDA error: out of memory")) as (driver, _):
         with pytest.raises(DriverError, match="exited with code 3") as caught:
             await driver.load(M1)
-        assert str(caught.value) == "m1: the server exited with code 3: CUDA error: out of memory"
+        assert str(caught.value) == "the server exited with code 3: CUDA error: out of memory"
         assert caught.value.retryable
         assert "last output:\nCUDA error: out of memory" in caught.value.detail
         assert await driver.resident() == set()

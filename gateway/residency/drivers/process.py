@@ -91,8 +91,8 @@ class _ModelProcess:
         return "; last output:\n" + "\n".join(self._output) if self._output else "; no output"
 
     def failure(self, message: str) -> DriverError:
-        return DriverError(f"{self.model}: {message}", detail=f"{self.model}: {message}"
-                           f"{self.tail()}")
+        """The model is named by whoever reports the error; the output goes to `detail`."""
+        return DriverError(message, detail=f"{self.model}: {message}{self.tail()}")
 
     async def wait_ready(self, health_url: str, limit_s: float) -> None:
         """Poll `health_url` until it answers (503 while loading is normal), the process exits
