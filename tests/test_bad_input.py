@@ -239,7 +239,7 @@ CASES = [
     field_error("input-empty", "input", b'{"model": "m1", "input": ""}', path="/v1/embeddings"),
     field_error("input-object", "input", b'{"model": "m1", "input": {}}', path="/v1/embeddings"),
     # unknown endpoints and methods
-    bad("unknown-endpoint", b"{}", 404, code="unknown_endpoint", path="/v1/images/generations"),
+    bad("unknown-endpoint", b"{}", 404, code="unknown_endpoint", path="/v1/fine_tuning/jobs"),
     bad("unknown-version", chat(), 404, code="unknown_endpoint", path="/v2/chat/completions"),
     bad("unknown-root-path", method="GET", status=404, path="/wp-admin"),
     bad("get-on-post-route", method="GET", status=405),

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway.calls.multipart import MultipartError, Upload, boundary_of, form_fields
 from gateway.errors import GatewayError, bad_request
 
 # endpoint -> (field that carries the input, its accepted types)
@@ -22,6 +23,9 @@ _INPUTS: dict[str, tuple[str, tuple[type, ...]]] = {
     "completions": ("prompt", (str, list)),
     "embeddings": ("input", (str, list)),
     "messages": ("messages", (list,)),
+    "rerank": ("documents", (list,)),
+    "images/generations": ("prompt", (str,)),
+    "audio/speech": ("input", (str,)),
 }
 _INT_RANGES = {
     "max_tokens": (1, None),
@@ -44,6 +48,11 @@ class ApiCall:
     model: str  # the name the client asked for
     stream: bool
     include_usage: bool
+    upload: Upload | None = None  # a multipart body (audio): `raw` is its buffer, `body` its fields
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self.upload is None else self.upload.content_type
 
     @property
     def usage_added(self) -> bool:
@@ -55,9 +64,13 @@ class ApiCall:
     def relayed(self) -> bool:
         return self.endpoint in RELAYED_ENDPOINTS
 
-    def body_for(self, served_name: str, drop: frozenset[str] = frozenset()) -> bytes:
+    def body_for(self, served_name: str,
+                 drop: frozenset[str] = frozenset()) -> bytes | bytearray:
         """The body to send upstream: the client's bytes unless the model name must change,
-        fields in `drop` are present or usage must be asked for."""
+        fields in `drop` are present or usage must be asked for. An upload goes as it came,
+        but for its model field."""
+        if self.upload is not None:
+            return self.upload.body_for(served_name)
         dropped = drop.intersection(self.body)
         if self.model == served_name and not dropped and not self.usage_added:
             return self.raw
@@ -93,6 +106,26 @@ def parse_call(endpoint: str, raw: bytes) -> ApiCall:
         stream=stream,
         include_usage=bool(stream and isinstance(options, dict) and options.get("include_usage")),
     )
+
+
+def parse_upload(endpoint: str, raw: bytearray, content_type: str) -> ApiCall:
+    """A multipart/form-data call (an audio file and its fields), read without a copy."""
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        raise bad_request("The request body must be multipart/form-data (with a boundary), "
+                          "as a file upload is.", code="invalid_multipart")
+    try:
+        fields = form_fields(raw, boundary)
+    except MultipartError as exc:
+        raise bad_request(f"The multipart body is malformed: {exc}.",
+                          code="invalid_multipart") from None
+    model = fields.get("model")
+    if model is None or not model.value:
+        raise bad_request("You must provide a model parameter (a form field).", param="model")
+    values = {name: field.value for name, field in fields.items()}
+    return ApiCall(endpoint=endpoint, body=values, raw=raw, model=model.value,  # type: ignore[arg-type]
+                   stream=values.get("stream", "").lower() == "true", include_usage=False,
+                   upload=Upload(raw, content_type, model))
 
 
 def _check_input(endpoint: str, body: Mapping[str, Any]) -> None:

@@ -27,7 +27,9 @@ from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView
 DEFAULT_PORT = 8890
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
 BACKEND_KINDS = ("ollama", "openai", "process", "vllm-sleep", "llama-router")
-OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages",
+                    "messages/count_tokens", "rerank", "audio/transcriptions",
+                    "audio/translations", "audio/speech", "images/generations")
 _DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings")
 _MODES = ("single-active", "multi-active")
 # What a `process` backend's `cmd` may name; the driver fills them in per model.

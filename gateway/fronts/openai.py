@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.calls.parse import ApiCall, parse_call
+from gateway.calls.parse import ApiCall, parse_call, parse_upload
 from gateway.calls.pipeline import Answer, CallPipeline, Frames, json_response
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError, model_not_found
@@ -58,6 +58,13 @@ class OpenAIApi:
             Route("/v1/embeddings", self.endpoint("embeddings"), methods=post),
             Route("/v1/responses", self.endpoint("responses"), methods=post),
             Route("/v1/messages", self.endpoint("messages"), methods=post),
+            # llama.cpp, vLLM, Jina and Cohere clients call rerank by each of these paths
+            *(Route(path, self.endpoint("rerank"), methods=post)
+              for path in ("/v1/rerank", "/rerank", "/v2/rerank")),
+            Route("/v1/images/generations", self.endpoint("images/generations"), methods=post),
+            Route("/v1/audio/speech", self.endpoint("audio/speech"), methods=post),
+            Route("/v1/audio/transcriptions", self.upload("audio/transcriptions"), methods=post),
+            Route("/v1/audio/translations", self.upload("audio/translations"), methods=post),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
         ]
@@ -65,6 +72,14 @@ class OpenAIApi:
     def endpoint(self, name: str) -> Any:
         async def handle(request: Request) -> Answer:
             call = parse_call(name, await self.pipeline.read(request))
+            return await self.pipeline.run(request, call, IDENTITY)
+
+        return handle
+
+    def upload(self, name: str) -> Any:
+        async def handle(request: Request) -> Answer:
+            raw = await self.pipeline.read_upload(request)
+            call = parse_upload(name, raw, request.headers.get("content-type", ""))
             return await self.pipeline.run(request, call, IDENTITY)
 
         return handle

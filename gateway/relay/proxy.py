@@ -46,9 +46,9 @@ class Target:
 
 
 def upstream_headers(client_headers: Mapping[str, str], backend: BackendConfig,
-                     request_id: str) -> dict[str, str]:
+                     request_id: str, content_type: str = "application/json") -> dict[str, str]:
     headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
-    headers["content-type"] = "application/json"
+    headers["content-type"] = content_type
     headers["accept-encoding"] = "identity"  # relay bytes as they are; never re-encode
     headers["x-request-id"] = request_id
     if backend.api_key:
@@ -136,8 +136,8 @@ class Proxy:
         self.health = health or BackendHealth()
 
     def renamer(self, call: ApiCall, target: Target) -> ModelRenamer | None:
-        if not self.rename_models or call.model == target.served_name:
-            return None
+        if not self.rename_models or call.model == target.served_name or call.relayed:
+            return None  # audio is relayed untouched: it names no model
         return ModelRenamer(target.served_name, call.model)
 
     async def open(self, call: ApiCall, target: Target, headers: Mapping[str, str],
@@ -147,7 +147,7 @@ class Proxy:
         url = f"{target.base_url}/v1/{call.endpoint}"
         drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
         body = call.body_for(target.served_name, drop)
-        sent_headers = upstream_headers(headers, target.backend, request_id)
+        sent_headers = upstream_headers(headers, target.backend, request_id, call.content_type)
         try:
             response = await self._send(session, url, body, sent_headers, target.backend)
         except GatewayError as error:
@@ -169,7 +169,7 @@ class Proxy:
         return response
 
     @staticmethod
-    async def _send(session: aiohttp.ClientSession, url: str, body: bytes,
+    async def _send(session: aiohttp.ClientSession, url: str, body: bytes | bytearray,
                     headers: Mapping[str, str], backend: BackendConfig) -> aiohttp.ClientResponse:
         for attempt in (1, 2):
             try:

@@ -1,7 +1,9 @@
 """A vLLM-like OpenAI-compatible server for the gateway's tests.
 
 Answers are synthesised, not generated: the text is a pure function of (model, prompt, seed), so
-a test can predict it and check that the gateway relayed it byte-for-byte. Every observable
+a test can predict it and check that the gateway relayed it byte-for-byte. Beside completions
+and embeddings it serves rerank, image generation, speech (a binary stream) and transcription
+(multipart uploads), as vLLM, llama.cpp and OpenAI document them. Every observable
 (requests, in-flight streams, client cancellations, sleeps) is counted on ``app.state.emulator``,
 and failure modes can be switched on at runtime with ``state.fail(mode)``.
 
@@ -26,6 +28,7 @@ import socket
 import struct
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -657,13 +660,190 @@ def _responses_answer(state: EmulatorState, model: str, body: dict[str, Any]) ->
     return JsonAnswer(payload, reply.completion_tokens)
 
 
+# ---------------------------------------------------------------------------------------------
+# Rerank, images and audio, as vLLM, llama.cpp and OpenAI document them
+# ---------------------------------------------------------------------------------------------
+
+
+def relevance(model: str, query: str, document: str) -> float:
+    """A score in (0, 1): shared words count most, a hash breaks ties (so order is stable)."""
+    words = set(query.lower().split())
+    shared = len(words & set(document.lower().split())) / max(1, len(words))
+    return round(0.9 * shared + 0.1 * digest(model, query, document)[0] / 256, 6)
+
+
+def document_text(document: Any) -> str:
+    """A rerank document: a string, or an object with `text` (Jina, Cohere v2)."""
+    return str(document.get("text", "")) if isinstance(document, dict) else str(document)
+
+
+def _rerank_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    query = str(body.get("query", ""))
+    documents = body.get("documents") or []
+    scored = sorted(
+        ((i, relevance(model, query, document_text(d))) for i, d in enumerate(documents)),
+        key=lambda item: -item[1],
+    )
+    top_n = body.get("top_n")
+    if isinstance(top_n, int) and top_n > 0:
+        scored = scored[:top_n]
+    results = [
+        {"index": i, "document": {"text": document_text(documents[i])}, "relevance_score": score}
+        for i, score in scored
+    ]
+    tokens = count_tokens(query) + sum(count_tokens(document_text(d)) for d in documents)
+    payload = {
+        "id": _random_id("rerank-"),
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "results": results,
+    }
+    return JsonAnswer(payload, 1)
+
+
+def tiny_png(seed: bytes, width: int, height: int) -> bytes:
+    """A valid PNG of one colour taken from `seed`."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        checksum = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + checksum
+
+    row = b"\x00" + bytes(seed[:3]) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(row * height)) + chunk(b"IEND", b""))
+
+
+def image_size(size: Any) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` ("auto" and the rest: 256x256), each side at most 1024."""
+    width, _, height = str(size).partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        return 256, 256
+    return min(int(width), 1024), min(int(height), 1024)
+
+
+def _image_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    prompt = str(body.get("prompt", ""))
+    width, height = image_size(body.get("size"))
+    count = body.get("n") if isinstance(body.get("n"), int) else 1
+    images = [tiny_png(digest(model, prompt, i), width, height) for i in range(max(1, count))]
+    as_url = body.get("response_format") == "url"
+    data = [
+        {"url": "data:image/png;base64," + base64.b64encode(png).decode()} if as_url
+        else {"b64_json": base64.b64encode(png).decode()}
+        for png in images
+    ]
+    return JsonAnswer({"created": int(time.time()), "data": data}, len(images))
+
+
+SAMPLE_RATE = 16000
+SPEECH_MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac",
+                      "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+def speech_frames(model: str, text: str, voice: Any, audio_format: str) -> list[bytes]:
+    """The emulated voice: one 50 ms frame of 16-bit PCM per word, a WAV header first when
+    `wav` is asked for (other formats carry the same samples: only the framing is emulated)."""
+    words = text.split() or [""]
+    frames = []
+    for word in words:
+        noise = hashlib.sha256(digest(model, voice, word)).digest() * 50
+        frames.append(noise[: SAMPLE_RATE // 20 * 2])
+    if audio_format == "wav":
+        size = sum(len(f) for f in frames)
+        header = (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVEfmt "
+                  + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
+                  + b"data" + struct.pack("<I", size))
+        frames.insert(0, header)
+    return frames
+
+
+async def _speech(request: Request) -> Response:
+    """POST /v1/audio/speech: the audio as it is produced, one frame per token delay."""
+    state: EmulatorState = request.app.state.emulator
+    state.paths[request.url.path] += 1
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        return vllm_error(400, f"JSON decode error: {exc}", "BadRequestError")
+    model = body.get("model") if isinstance(body, dict) else None
+    if model not in state.served_models:
+        return vllm_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if not isinstance(body.get("input"), str) or not body["input"]:
+        return vllm_error(400, "Field required: input", "BadRequestError", "input")
+    audio_format = body.get("response_format") or "mp3"
+    if audio_format not in SPEECH_MEDIA_TYPES:
+        return vllm_error(400, f"Unsupported response_format {audio_format!r}",
+                          "BadRequestError", "response_format")
+    state.last_request = body
+    state.requests[model] += 1
+    state.in_flight += 1
+    state.streams_in_flight += 1
+    frames = speech_frames(model, body["input"], body.get("voice"), audio_format)
+    answer = StreamAnswer(head=(frames[0],), body=tuple(frames[1:]), tail=(),
+                          media_type=SPEECH_MEDIA_TYPES[audio_format])
+
+    def on_end(outcome: str, sent: bytes) -> None:
+        state.finish(outcome, sent, streamed=True)
+
+    return await deliver(request, answer, token_delay=state.token_delay, on_end=on_end)
+
+
+def transcript(model: str, audio: bytes, tokens: int) -> str:
+    return "".join(synth_tokens(digest(model, hashlib.sha256(audio).hexdigest()), tokens)).strip()
+
+
+def _subtitles(text: str, vtt: bool) -> str:
+    stamp = "00:00:00.000 --> 00:00:02.000" if vtt else "00:00:00,000 --> 00:00:02,000"
+    return ("WEBVTT\n\n" if vtt else "1\n") + f"{stamp}\n{text}\n"
+
+
+async def _transcribe(request: Request) -> Response:
+    """POST /v1/audio/transcriptions and /translations: a multipart upload (`file`, `model`,
+    `response_format`, ...); the transcript is a pure function of the model and the file."""
+    state: EmulatorState = request.app.state.emulator
+    state.paths[request.url.path] += 1
+    try:
+        form = await request.form()
+    except Exception as exc:  # python-multipart's parse errors have no common base
+        return vllm_error(400, f"Invalid form data: {exc}", "BadRequestError")
+    upload, model = form.get("file"), form.get("model")
+    if model not in state.served_models:
+        return vllm_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if upload is None or isinstance(upload, str):
+        return vllm_error(400, "Field required: file", "BadRequestError", "file")
+    audio = await upload.read()
+    fields = {name: value for name, value in form.items() if isinstance(value, str)}
+    state.last_request = {**fields, "file": {"filename": upload.filename, "size": len(audio),
+                                             "sha256": hashlib.sha256(audio).hexdigest()}}
+    state.requests[str(model)] += 1
+    text = transcript(str(model), audio, state.tokens)
+    kind = fields.get("response_format", "json")
+    if kind == "text":
+        return PlainTextResponse(text)
+    if kind in ("srt", "vtt"):
+        return PlainTextResponse(_subtitles(text, vtt=kind == "vtt"))
+    if kind == "verbose_json":
+        task = "translate" if request.url.path.endswith("translations") else "transcribe"
+        segment = {"id": 0, "start": 0.0, "end": 2.0, "text": text}
+        return JSONResponse({"task": task, "language": fields.get("language", "english"),
+                             "duration": 2.0, "text": text, "segments": [segment]})
+    return JSONResponse({"text": text})
+
+
 Renderer = Callable[[EmulatorState, str, dict[str, Any]], Answer]
-# path -> (renderer, required field, API name in vLLM's "does not support" errors, embedding API?)
-ENDPOINTS: dict[str, tuple[Renderer, str, str, bool]] = {
+# path -> (renderer, required field, API name in vLLM's "does not support" errors, embedding
+# API? True: only `--runner pooling` models (embedding=True) serve it; None: any model does)
+ENDPOINTS: dict[str, tuple[Renderer, str, str, bool | None]] = {
     "/v1/chat/completions": (_chat_answer, "messages", "Chat Completions API", False),
     "/v1/completions": (_completion_answer, "prompt", "Completions API", False),
     "/v1/embeddings": (_embedding_answer, "input", "Embeddings API", True),
     "/v1/responses": (_responses_answer, "input", "Responses API", False),
+    # vLLM serves rerank for pooling (cross-encoder) models under all three paths
+    "/v1/rerank": (_rerank_answer, "documents", "Rerank API", True),
+    "/rerank": (_rerank_answer, "documents", "Rerank API", True),
+    "/v2/rerank": (_rerank_answer, "documents", "Rerank API", True),
+    "/v1/images/generations": (_image_answer, "prompt", "Images API", None),
 }
 
 
@@ -684,11 +864,11 @@ async def _admit(request: Request, state: EmulatorState) -> tuple[dict[str, Any]
         return vllm_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
     if body.get(required) in (None, "", []):
         return vllm_error(400, f"Field required: {required}", "BadRequestError", required)
-    if embedding_api != state.embedding:
+    if embedding_api is not None and embedding_api != state.embedding:
         return vllm_error(400, f"The model does not support {api_name}", "BadRequestError")
     if request.url.path == "/v1/responses" and body.get("stream"):
         return vllm_error(400, "Streaming responses are not emulated", "BadRequestError", "stream")
-    if embedding_api and embedding_inputs(body["input"]) is None:
+    if required == "input" and embedding_api and embedding_inputs(body["input"]) is None:
         return vllm_error(400, "Invalid input", "BadRequestError", "input")
     if state.sleeping:
         return vllm_error(
@@ -859,6 +1039,9 @@ def create_app(
         Route("/health", _health),
         Route("/v1/models", _models),
         *(Route(path, _inference, methods=["POST"]) for path in ENDPOINTS),
+        Route("/v1/audio/speech", _speech, methods=["POST"]),
+        Route("/v1/audio/transcriptions", _transcribe, methods=["POST"]),
+        Route("/v1/audio/translations", _transcribe, methods=["POST"]),
     ]
     if sleep_mode:
         routes += [
