@@ -22,7 +22,7 @@ def shown_keys(data: dict[str, Any], path: str = "") -> set[str]:
     found: set[str] = set()
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
-        if not path and key in ("models", "backends"):
+        if not path and key in ("models", "backends", "nodes"):
             for item in value.values():
                 found |= shown_keys(item, f"{key}.*")
         elif full in leaves or not isinstance(value, dict | list):

@@ -32,6 +32,8 @@ OPENAI_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses"
                     "audio/translations", "audio/speech", "images/generations")
 _DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings")
 _MODES = ("single-active", "multi-active")
+# The node of every backend that names none: built from `swapper:` unless `nodes:` declares it.
+DEFAULT_NODE = "default"
 # What a `process` backend's `cmd` may name; the driver fills them in per model.
 PROCESS_PLACEHOLDERS = ("path", "port", "name", "served_name", "host")
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
@@ -84,6 +86,7 @@ class BackendConfig:
     start_timeout: float = 120.0
     stop_grace: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict)
+    node: str | None = None  # the node (memory, swap lane) it runs on; None: DEFAULT_NODE
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,13 @@ class ModelConfig:
     max_concurrent: int | None = None  # requests served at once; more wait in the queue
     cache_enabled: bool = _yaml("cache.enabled", True)
     cache_shared: bool = _yaml("cache.shared", False)  # one cache for all tenants, not per key
-    # Backends to fall back on, in order, each with its own name for the model. A fallback
-    # route is itself a ModelConfig named "<model>@<backend>" with `route_of` = the model.
+    # The model's other routes, each a backend with its own name for the model: `fallback:`
+    # (tried in order) or, from `routes:`, the routes after the first (placed by the policy:
+    # `placed`). A route is itself a ModelConfig named "<model>@<backend>", `route_of` = the model.
     fallbacks: tuple[ModelConfig, ...] = _yaml(
-        "fallback[]", (), keys=("backend", "served_name", "path", "size_gb"))
+        ("fallback[]", "routes[]"), (), keys=("backend", "served_name", "path", "size_gb"))
     route_of: str | None = _yaml(None, None)
+    placed: bool = _yaml(None, False)  # given as `routes:`: placement picks among them
 
     @property
     def public_name(self) -> str:
@@ -126,6 +131,26 @@ class SwapperConfig:
     max_queue_total: int = 1024
     # A load's own deadline; a request's wait for its model is model_swap_timeout.
     load_timeout_s: float = 600.0
+
+    def budget(self) -> Budget:
+        return self.node().budget()
+
+    def node(self) -> NodeConfig:
+        """The node of an old config (no `nodes:`), and of every backend that names none."""
+        return NodeConfig(name=DEFAULT_NODE, mode=self.mode,
+                          max_concurrent_models=self.max_concurrent_models,
+                          memory_budget_gb=self.memory_budget_gb)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A unit of memory and of swapping: a GPU server, a Mac. Its backends share its budget and
+    its swap lane (one load or unload at a time on it; nodes swap in parallel)."""
+
+    name: str = _yaml(None)  # its key under `nodes`
+    mode: str = "multi-active"
+    max_concurrent_models: int | None = None  # multi-active: None = as many as memory allows
+    memory_budget_gb: float | None = None
 
     def budget(self) -> Budget:
         if self.mode == "single-active":
@@ -194,6 +219,7 @@ class EmbeddingBatching:
 class GatewayConfig:
     swapper: SwapperConfig = SwapperConfig()
     server: ServerConfig = ServerConfig()
+    nodes: Mapping[str, NodeConfig] = _yaml("nodes.*", {})  # as declared; see fleet()
     backends: Mapping[str, BackendConfig] = _yaml("backends.*", {})
     models: Mapping[str, ModelConfig] = _yaml("models.*", {})
     cache: CacheConfig = CacheConfig()
@@ -205,8 +231,21 @@ class GatewayConfig:
     unknown_keys: tuple[str, ...] = _yaml(None, ())
     warnings: tuple[str, ...] = _yaml(None, ())  # for people: unknown keys with a suggestion
 
+    def node_of(self, backend: str) -> str:
+        config = self.backends.get(backend)
+        return config.node if config is not None and config.node else DEFAULT_NODE
 
-_NAMED_SECTIONS = frozenset({"models", "backends"})  # their keys are names, not settings
+    def fleet(self) -> dict[str, NodeConfig]:
+        """Every node: those declared, and the one built from `swapper:` when no node is
+        declared or a backend names none (an old config is that one node)."""
+        nodes = dict(self.nodes)
+        implicit = not nodes or any(not b.node for b in self.backends.values())
+        if DEFAULT_NODE not in nodes and implicit:
+            nodes = {DEFAULT_NODE: self.swapper.node(), **nodes}
+        return nodes
+
+
+_NAMED_SECTIONS = frozenset({"models", "backends", "nodes"})  # their keys are names, not settings
 _FREE_FORM = frozenset({"env"})  # any key goes (environment variables of a process backend)
 
 
@@ -393,6 +432,7 @@ def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendC
         start_timeout=reader.get(data, "start_timeout", path, float, 120.0),
         stop_grace=reader.get(data, "stop_grace", path, float, 10.0),
         env={str(k): str(v) for k, v in env.items()},
+        node=reader.get(data, "node", path, str, None),
     )
 
 
@@ -472,15 +512,24 @@ def _model(
     backend = reader.get(data, "backend", path, str, None)
     served = reader.get(data, "served_name", path, str, None)
     served = served or reader.get(data, "ollama_name", path, str, None)
+    placed = _items(reader, data, "routes", path)
+    ordered = _items(reader, data, "fallback", path)
+    if placed and (backend is not None or ordered):
+        raise reader.fail(_join(path, "routes"), "names every backend of the model: give "
+                          "neither `backend` nor `fallback` beside it")
+    if placed:
+        first = placed[0]
+        backend = first.get("backend") if isinstance(first, Mapping) else None
     if model_path and model_path.startswith("ollama:"):
         served = served or model_path.removeprefix("ollama:")
-        if backend is None:
+        if backend is None and not placed:
             backend = "ollama"
             backends.setdefault("ollama", BackendConfig(name="ollama", kind="ollama",
                                                         base_url=_normalise_url(ollama_url)))
-    if backend is None:
+    if backend is None and not placed:
         raise reader.fail(_join(path, "backend"), "is required (or a path of the form ollama:NAME)")
-    _known_backend(reader, backend, _join(path, "backend"), backends)
+    if not placed:
+        _known_backend(reader, backend, _join(path, "backend"), backends)
     aliases = reader.get(data, "aliases", path, list, [])
     if not all(isinstance(alias, str) for alias in aliases):
         reader.error(_join(path, "aliases"), "expected a list of strings")
@@ -492,7 +541,7 @@ def _model(
     reader.positive(ttl, _join(path, "ttl"))
     model = ModelConfig(
         name=name,
-        backend=backend,
+        backend=str(backend),
         served_name=served or name,
         aliases=tuple(aliases),
         type=reader.get(data, "type", path, str, "llm"),
@@ -505,11 +554,37 @@ def _model(
         cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
         cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
     )
+    if placed:
+        return _placed(reader, model, placed, backends)
     _check_model_file(reader, model, _join(path, "path"), backends)
-    routes = reader.get(data, "fallback", path, list, [])
-    fallbacks = [reader.attempt(lambda i=i, item=item: _fallback(reader, model, i, item, backends))
-                 for i, item in enumerate(routes)]
+    fallbacks = [reader.attempt(lambda i=i, item=item: _route(
+                     reader, model, "fallback", i, item, backends))
+                 for i, item in enumerate(ordered)]
     return dataclasses.replace(model, fallbacks=tuple(f for f in fallbacks if f is not None))
+
+
+def _items(reader: _Reader, data: Mapping[str, Any], key: str, path: str) -> list[Any]:
+    return reader.get(data, key, path, list, []) or []
+
+
+def _placed(reader: _Reader, model: ModelConfig, items: list[Any],
+            backends: Mapping[str, BackendConfig]) -> ModelConfig:
+    """`routes:`: the first is the model itself (its name, its slot), the others
+    `<model>@<backend>`; placement picks among all of them."""
+    routes = [reader.attempt(lambda i=i, item=item: _route(
+                  reader, model, "routes", i, item, backends)) for i, item in enumerate(items)]
+    if routes[0] is None:
+        raise ConfigError.of([])  # its own error says why; without it there is no model
+    first = dataclasses.replace(routes[0], name=model.name, route_of=None,
+                                aliases=model.aliases, placed=True)
+    rest = [dataclasses.replace(r, placed=True) for r in routes[1:] if r is not None]
+    seen: set[str] = {first.backend}
+    for i, route in enumerate(rest, start=1):
+        if route.backend in seen:
+            reader.error(f"models.{model.name}.routes[{i}].backend",
+                         f"backend {route.backend!r} is named by two routes")
+        seen.add(route.backend)
+    return dataclasses.replace(first, fallbacks=tuple(rest))
 
 
 def _known_backend(reader: _Reader, backend: Any, key: str,
@@ -525,19 +600,25 @@ def _known_backend(reader: _Reader, backend: Any, key: str,
                       + suggestion(str(backend), backends))
 
 
-def _fallback(reader: _Reader, model: ModelConfig, index: int, data: Any,
-              backends: Mapping[str, BackendConfig]) -> ModelConfig:
-    path = f"models.{model.name}.fallback[{index}]"
+def _route(reader: _Reader, model: ModelConfig, key: str, index: int, data: Any,
+           backends: Mapping[str, BackendConfig]) -> ModelConfig:
+    """One of a model's routes (`fallback:` or `routes:`): its backend and its own name there."""
+    path = f"models.{model.name}.{key}[{index}]"
     if not isinstance(data, Mapping):
         raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
     backend = reader.get(data, "backend", path, str, None)
+    if backend is None:
+        raise reader.fail(_join(path, "backend"), "is required")
     _known_backend(reader, backend, _join(path, "backend"), backends)
     size_gb = reader.get(data, "size_gb", path, float, model.size_gb)
     reader.positive(size_gb, _join(path, "size_gb"))
+    # A placed route shares the model's path unless it names its own; a fallback names its own.
+    default_path = model.path if key == "routes" else None
     route = dataclasses.replace(
         model, name=f"{model.name}@{backend}", backend=backend, aliases=(),
         served_name=reader.get(data, "served_name", path, str, None) or model.served_name,
-        path=reader.get(data, "path", path, str, None), size_gb=size_gb, route_of=model.name,
+        path=reader.get(data, "path", path, str, default_path), size_gb=size_gb,
+        route_of=model.name,
     )
     _check_model_file(reader, route, _join(path, "path"), backends)
     return route
@@ -744,16 +825,59 @@ def _check_names(reader: _Reader, models: Mapping[str, ModelConfig], default: st
                      + suggestion(default, seen))
 
 
-def _check_fits(reader: _Reader, models: Mapping[str, ModelConfig], budget: Budget) -> None:
+def _check_fits(reader: _Reader, config: GatewayConfig) -> None:
     """A model that fits no budget it may use would wait for a swap that can never happen."""
-    for model in models.values():
-        routes = (model, *model.fallbacks)
-        if not any(fits_at_all(ModelView(r.name, size_gb=r.size_gb), budget) for r in routes):
+    fleet = config.fleet()
+    for model in config.models.values():
+        routes = [r for r in (model, *model.fallbacks) if config.node_of(r.backend) in fleet]
+        if not routes:
+            continue  # its nodes are unknown: said where the backends name them
+        if not any(fits_at_all(ModelView(r.name, size_gb=r.size_gb),
+                               fleet[config.node_of(r.backend)].budget()) for r in routes):
+            node = config.node_of(routes[0].backend)
+            where = ("swapper.memory_budget_gb" if node not in config.nodes
+                     else f"nodes.{node}.memory_budget_gb")
             reader.error(
                 f"models.{model.name}.size_gb",
                 f"{model.size_gb:g} GB does not fit the memory budget of "
-                f"{budget.memory_gb:g} GB (swapper.memory_budget_gb)",
+                f"{fleet[node].memory_budget_gb:g} GB ({where})",
             )
+
+
+def _nodes(reader: _Reader, data: Mapping[str, Any]) -> dict[str, NodeConfig]:
+    nodes = {}
+    for name, spec in reader.section(data, "nodes", "").items():
+        node = reader.attempt(lambda name=name, spec=spec: _node(reader, str(name), spec))
+        if node is not None:
+            nodes[str(name)] = node
+    return nodes
+
+
+def _node(reader: _Reader, name: str, data: Any) -> NodeConfig:
+    path = f"nodes.{name}"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise reader.fail(path, f"expected a mapping, got {_shown(data)}")
+    node = NodeConfig(
+        name=name,
+        mode=reader.choice(data, "mode", path, _MODES, "multi-active"),
+        max_concurrent_models=_positive_int(reader, data, "max_concurrent_models", path),
+        memory_budget_gb=reader.get(data, "memory_budget_gb", path, float, None),
+    )
+    reader.positive(node.memory_budget_gb, _join(path, "memory_budget_gb"), allow_zero=False)
+    return node
+
+
+def _check_backend_nodes(reader: _Reader, backends: Mapping[str, BackendConfig],
+                         nodes: Mapping[str, NodeConfig]) -> None:
+    """Each backend's `node` names a declared node (or the default one, built from swapper:)."""
+    known = [*nodes, DEFAULT_NODE] if DEFAULT_NODE not in nodes else list(nodes)
+    for backend in backends.values():
+        if backend.node and backend.node not in known:
+            reader.error(f"backends.{backend.name}.node",
+                         f"unknown node {backend.node!r} (known: {', '.join(known)})"
+                         + suggestion(backend.node, known))
 
 
 def _backends(reader: _Reader, data: Mapping[str, Any],
@@ -802,10 +926,12 @@ def _parse(reader: _Reader, data: Any, env: Mapping[str, str]) -> GatewayConfig:
         backends["ollama"] = BackendConfig(name="ollama", kind="ollama",
                                            base_url=_normalise_url(ollama_url))
     swapper = _swapper(reader, data, env)
+    nodes = _nodes(reader, data)
+    _check_backend_nodes(reader, backends, nodes)
     _check_names(reader, models, swapper.default_model)
-    _check_fits(reader, models, swapper.budget())
     config = GatewayConfig(
         swapper=swapper,
+        nodes=nodes,
         server=_server(reader, data),
         backends=backends,
         models=models,
@@ -817,6 +943,7 @@ def _parse(reader: _Reader, data: Any, env: Mapping[str, str]) -> GatewayConfig:
         unknown_keys=tuple(reader.unknown_keys(data)),
         warnings=tuple(reader.warnings(data)),
     )
+    _check_fits(reader, config)
     _check_serves_something(reader, models, backends)
     return config
 

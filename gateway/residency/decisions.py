@@ -41,12 +41,12 @@ class DecisionLog:
         return len(self._entries)
 
     def record(self, at: float, evict: tuple[str, ...], load: str | None, reason: str,
-               views: Mapping[str, ModelView]) -> None:
+               views: Mapping[str, ModelView], node: str = "default") -> None:
         for name in evict:
-            self._entries.append(Decision(at, "unload", name, 0, reason))
+            self._entries.append(Decision(at, "unload", name, 0, reason, node=node))
         if load is not None:
             self._entries.append(Decision(at, "load", load, views[load].queued, reason,
-                                          self._count(load)))
+                                          self._count(load), node=node))
 
     def served(self, decision: Decision) -> int:
         """Requests the residency a load decision began has served (so far, if still on)."""

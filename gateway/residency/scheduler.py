@@ -2,11 +2,12 @@
 
 Every request asks `request(model)`: a model that admits gets a `Lease` at once; any other
 request becomes a `Waiter` in its model's queue (see `admission`). On every event (enqueue,
-release, load done, timer) the scheduler snapshots the models, asks the pure policy
-(`policies.scheduling.decide`) for a plan, carries it out with the executor the simulator shares
-(`policies.execution`) and does the swap's I/O. One swap runs at a time (one GPU box).
+release, load done, timer) the scheduler snapshots each node's models, asks the pure policy
+(`policies.scheduling.decide`) for that node's plan against that node's budget, carries it out
+with the executor the simulator shares (`policies.execution`) and does the swap's I/O. One swap
+runs at a time per node, on its lane (see `nodes`); different nodes swap at once.
 
-Replicas sharing the box (see `coordination`) swap under a lock per backend, reconcile before
+Replicas sharing a node (see `coordination`) swap under that node's lock, reconcile before
 they swap, and hold a model another replica is draining (see `reconcile`).
 """
 
@@ -42,6 +43,7 @@ from gateway.residency.admission import (
 from gateway.residency.coordination import Coordinator, LocalCoordinator
 from gateway.residency.decisions import Decision, DecisionLog
 from gateway.residency.drivers.base import Driver, DriverError
+from gateway.residency.nodes import Lane, lanes_for
 from gateway.residency.reconcile import Truth
 from gateway.residency.snapshot import DecisionStatus, ModelStatus, NodeStatus, SchedulerStatus
 from gateway.residency.state import Residency
@@ -52,7 +54,6 @@ from policies.scheduling import decide
 from policies.types import ModelView, State
 
 log = structlog.get_logger("gateway.scheduler")
-DEFAULT_NODE = "default"
 
 RECONCILE_INTERVAL_S = 10.0
 DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
@@ -72,11 +73,9 @@ class Scheduler:
         self.steps = 0  # decisions taken: with nothing happening, this stands still
         self._wake = asyncio.Event()
         self._wake_at: float | None = None
-        self._swap_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._swapping = False
         self._closing = False
-        self._views: dict[str, ModelView] = {}  # the snapshot the last plan was made from
+        self.lanes: dict[str, Lane] = {}  # one per node: its budget and its swap lane
         self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
         self.apply(config, catalog, drivers)
 
@@ -84,7 +83,8 @@ class Scheduler:
               drivers: Mapping[str, Driver]) -> None:
         """Take a (re)loaded config: new models get a slot, kept ones keep their state."""
         self.config, self.catalog, self.drivers = config, catalog, drivers
-        self.budget = config.swapper.budget()
+        managed = {name for name, driver in drivers.items() if driver.manages_residency}
+        self.lanes = lanes_for(config, managed, self.lanes)
         models = {model.name: model for model in catalog.all_models()}
         for name in set(self.slots) - set(models):
             del self.slots[name]  # a reload removes only models not in use
@@ -96,6 +96,7 @@ class Scheduler:
                 if not slot.managed:
                     slot.residency.found(self.clock(), time.time())
             slot.residency.model, slot.driver = model, drivers[model.backend]
+            slot.node = config.node_of(model.backend)
         self.wake()
 
     def in_use(self) -> dict[str, bool]:
@@ -169,8 +170,9 @@ class Scheduler:
         if r.state is State.FAILED and not r.may_load(now):
             raise load_failed(r.model.name, r.error or "unknown error",
                                      (r.retry_at or now) - now, r.retryable)
-        if slot.managed and not fits_at_all(slot.view(now), self.budget):
-            raise too_large(r.model.name, r.model.size_gb, self.budget.memory_gb)
+        budget = self.lanes[slot.node].budget
+        if slot.managed and not fits_at_all(slot.view(now), budget):
+            raise too_large(r.model.name, r.model.size_gb, budget.memory_gb)
 
     def _refuse_when_full(self, slot: Slot, now: float) -> None:
         limits = self.config.swapper
@@ -232,16 +234,22 @@ class Scheduler:
         for slot in self.slots.values():
             if slot.hold_expired(now):
                 slot.reopen(Admission.HELD)
-        managed = {name: slot for name, slot in self.slots.items() if slot.managed}
-        self._views = {name: self._view(slot, now) for name, slot in managed.items()}
-        plan = decide(self._views, self.budget, self.config.batching, now)
-        execute(plan, self, managed)
+        wakes = [self._step_node(lane, now) for lane in self.lanes.values()]
         for slot in self.slots.values():
             if not slot.managed:
                 self._admit_all(slot, now)  # always on: only its concurrency limit holds it
         holds = [s.held_since + HOLD_S for s in self.slots.values()
                  if s.admission is Admission.HELD]
-        self._wake_at = min((t for t in (plan.wake_at, *holds) if t is not None), default=None)
+        self._wake_at = min((t for t in (*wakes, *holds) if t is not None), default=None)
+
+    def _step_node(self, lane: Lane, now: float) -> float | None:
+        """One node's plan, over its own models and budget; when to decide for it again."""
+        managed = {name: slot for name, slot in self.slots.items()
+                   if slot.managed and slot.node == lane.name}
+        lane.views = {name: self._view(slot, now) for name, slot in managed.items()}
+        plan = decide(lane.views, lane.budget, self.config.batching, now)
+        execute(plan, _NodeBox(self, lane), managed)
+        return plan.wake_at
 
     def _view(self, slot: Slot, now: float) -> ModelView:
         """A held model is being unloaded, as far as the policy is concerned: no swap meanwhile."""
@@ -249,7 +257,7 @@ class Scheduler:
         held = view.state is State.LOADED and slot.admission is Admission.HELD
         return replace(view, state=State.UNLOADING) if held else view
 
-    # The executor's side of a plan (policies.execution.Box).
+    # The executor's side of a plan (policies.execution.Box, one per node: `_NodeBox`).
 
     def set_admitting(self, name: str, admitting: bool) -> None:
         self.slots[name].follow_plan(drain=not admitting)
@@ -258,16 +266,18 @@ class Scheduler:
         self._admit_all(self.slots[name], self.clock())
 
     def swap_running(self) -> bool:
-        return self._swapping
+        """A load or unload runs on some node."""
+        return any(lane.swapping for lane in self.lanes.values())
 
-    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
+    def begin_swap(self, lane: Lane, evict: tuple[str, ...], load: str | None,
+                   reason: str) -> None:
         """From the decision on, victims admit nothing, so none is busy when its turn comes."""
-        self.decisions.record(time.time(), evict, load, reason, self._views)
-        log.info("scheduler.plan", load=load, evict=evict, reason=reason)
-        self._swapping = True
+        self.decisions.record(time.time(), evict, load, reason, lane.views, lane.name)
+        log.info("scheduler.plan", node=lane.name, load=load, evict=evict, reason=reason)
+        lane.swapping = True
         for name in evict:
             self.slots[name].close(Admission.EVICTING)
-        self._spawn(self._swap(evict, load, self.truth.surprises, reason))
+        self._spawn(self._swap(lane, evict, load, self.truth.surprises, reason))
 
     def _admit_all(self, slot: Slot, now: float) -> None:
         while slot.queue and slot.has_room:
@@ -286,10 +296,11 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _swap(self, evict: tuple[str, ...], load: str | None, surprises: int,
+    async def _swap(self, lane: Lane, evict: tuple[str, ...], load: str | None, surprises: int,
                     reason: str) -> None:
         try:
-            async with self._exclusive([*evict, *([load] if load else [])], surprises) as ready:
+            models = [*evict, *([load] if load else [])]
+            async with self._exclusive(lane, models, surprises) as ready:
                 if not ready:
                     log.info("scheduler.swap_deferred", load=load, evict=evict,
                              reason="backend busy or changed by another replica")
@@ -302,29 +313,32 @@ class Scheduler:
                 elif load is not None:
                     log.info("scheduler.swap_deferred", load=load, busy=still_resident)
         finally:
-            self._swapping = False
+            lane.swapping = False
             for name in evict:
                 if name in self.slots:
                     self.slots[name].reopen(Admission.EVICTING)
             self.wake()
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, models: Iterable[str], surprises: int) -> AsyncIterator[bool]:
-        """The right to load and unload these models' backends; False if the plan is stale.
+    async def _exclusive(self, lane: Lane, models: Iterable[str],
+                         surprises: int) -> AsyncIterator[bool]:
+        """The right to load and unload on this node; False if the plan is stale.
 
-        Another replica may have swapped since the plan was made (`surprises` then): its truth
-        comes first, and a changed backend means deciding again rather than loading twice or
-        over the budget.
+        The node's lock is every managed backend on it, taken together: its memory is one pool,
+        whichever backend fills it. Another replica may have swapped since the plan was made
+        (`surprises` then): its truth comes first, and a changed backend means deciding again
+        rather than loading twice or over the budget.
         """
-        backends = {self.slots[name].model.backend for name in models}
-        async with self._swap_lock, self.coordinator.lock(
+        touched = {self.slots[name].model.backend for name in models}
+        backends = set(lane.backends) | touched
+        async with lane.lock, self.coordinator.lock(
                 backends, self.config.swapper.model_swap_timeout) as locked:
             try:
                 if locked and self.coordinator.shared:
                     await self.truth.reconcile(backends)
-                yield locked and self.truth.surprises == surprises
+                yield bool(locked) and self.truth.surprises == surprises
             finally:
-                await self.coordinator.changed(backends)
+                await self.coordinator.changed(touched)
 
     async def _load(self, slot: Slot) -> None:
         r = slot.residency
@@ -406,16 +420,22 @@ class Scheduler:
         )
 
     def _node_status(self, models: Mapping[str, ModelStatus]) -> dict[str, NodeStatus]:
-        swapper = self.config.swapper
-        mine = [m for m in models.values() if m.managed]
+        return {name: self._one_node(lane, models) for name, lane in self.lanes.items()}
+
+    def _one_node(self, lane: Lane, models: Mapping[str, ModelStatus]) -> NodeStatus:
+        mine = [m for m in models.values() if m.managed and m.node == lane.name]
         resident = [m for m in mine if m.state is State.LOADED]
-        return {DEFAULT_NODE: NodeStatus(
-            name=DEFAULT_NODE, mode=swapper.mode, max_models=self.budget.max_models,
-            memory_budget_gb=self.budget.memory_gb, host_memory_gb=None, budget=self.budget,
-            backends=tuple(self.drivers), models=tuple(m.name for m in mine),
-            resident=tuple(m.name for m in resident),
+        measured = [m.measured_gb for m in resident if m.measured_gb is not None]
+        budget = lane.budget
+        return NodeStatus(
+            name=lane.name, mode=lane.config.mode, max_models=budget.max_models,
+            memory_budget_gb=budget.memory_gb, host_memory_gb=None, budget=budget,
+            backends=tuple(b for b in self.config.backends
+                           if self.config.node_of(b) == lane.name),
+            models=tuple(m.name for m in mine), resident=tuple(m.name for m in resident),
             resident_gb=sum(m.view.size_gb for m in mine if m.view.resident),
-            measured_gb=None, free_gb=None, swapping=self._swapping)}
+            measured_gb=sum(measured) if measured else None, free_gb=lane.free_gb,
+            swapping=lane.swapping)
 
     def _decision_status(self, decision: Decision) -> DecisionStatus:
         served = self.served(decision) if decision.action == "load" else None
@@ -446,7 +466,8 @@ class Scheduler:
         slot.close(Admission.CLOSING)
         try:
             await slot.idle.wait()
-            async with self._exclusive([name], self.truth.surprises) as ready:
+            lane = self.lanes[slot.node]
+            async with self._exclusive(lane, [name], self.truth.surprises) as ready:
                 if ready and slot.in_flight == 0:
                     await self._unload(slot, "requested")
         finally:
@@ -495,6 +516,26 @@ class Scheduler:
         await self.coordinator.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.close()
+
+
+class _NodeBox:
+    """What one node's plan acts on (policies.execution.Box): the scheduler's slots, and the
+    node's own lane for the swap."""
+
+    def __init__(self, scheduler: Scheduler, lane: Lane) -> None:
+        self._scheduler, self._lane = scheduler, lane
+
+    def set_admitting(self, name: str, admitting: bool) -> None:
+        self._scheduler.set_admitting(name, admitting)
+
+    def admit(self, name: str) -> None:
+        self._scheduler.admit(name)
+
+    def swap_running(self) -> bool:
+        return self._lane.swapping
+
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
+        self._scheduler.begin_swap(self._lane, evict, load, reason)
 
 
 def _ttl_due(view: ModelView) -> float | None:

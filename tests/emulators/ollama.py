@@ -129,11 +129,17 @@ class EmulatorState:
         default_keep_alive: float | None,
         embedding_dim: int,
         version: str,
+        refuse_over_memory: bool = False,
     ) -> None:
         self.models = models  # canonical name -> size in bytes
         self.load_delay = load_delay
         self.memory_bytes = None if memory_gb is None else int(memory_gb * GB)
         self.max_loaded = max_loaded  # OLLAMA_MAX_LOADED_MODELS
+        # A GPU that cannot make room: a load over `memory_gb` fails (as Ollama's does when
+        # what is resident is pinned), instead of Ollama evicting idle models by itself.
+        self.refuse_over_memory = refuse_over_memory
+        self.refused_loads: Counter[str] = Counter()
+        self.load_spans: list[tuple[str, float, float]] = []  # (model, start, end), monotonic
         self.token_delay = token_delay
         self.tokens = tokens
         self.default_keep_alive = default_keep_alive  # OLLAMA_KEEP_ALIVE
@@ -199,6 +205,8 @@ class EmulatorState:
                 return 0.0
             if key in self.load_errors:
                 raise LoadError(self.load_errors[key])
+            if self.refuse_over_memory:
+                self._refuse_if_over(key)
             await self._make_room(key)
             started = time.monotonic()
             await asyncio.sleep(self.load_delay)
@@ -207,7 +215,21 @@ class EmulatorState:
                 self.resident[key] = Resident(key, self.models[key], now, keep_alive, now, refs=1)
                 self.load_count[key] += 1
                 self.max_loaded_bytes = max(self.max_loaded_bytes, self._bytes())
+                self.load_spans.append((key, started, now))
             return now - started
+
+    def _refuse_if_over(self, key: str) -> None:
+        """Fail the load with Ollama's out-of-memory error when `key` does not fit beside what
+        is resident."""
+        with self._lock:
+            self._expire(time.monotonic())
+            need, used = self.models[key], self._bytes()
+            if self.memory_bytes is None or used + need <= self.memory_bytes:
+                return
+            self.refused_loads[key] += 1
+        free = max(self.memory_bytes - used, 0)
+        raise LoadError(f"model requires more system memory ({need / GB:.1f} GiB) than is "
+                        f"available ({free / GB:.1f} GiB)")
 
     def release(self, key: str) -> None:
         """Drop a hold; an idle model starts its keep_alive countdown (0: unload right away)."""
@@ -724,11 +746,14 @@ def create_app(
     default_keep_alive: float | str = "5m",
     embedding_dim: int = EMBEDDING_DIM,
     version: str = "0.6.5",
+    refuse_over_memory: bool = False,
 ) -> Starlette:
     """An Ollama with `models` pulled: name -> size in GB (a plain list gets 4 GB each).
 
     `memory_gb` is the memory Ollama may fill before it evicts idle models by itself, and
     `max_loaded` mirrors OLLAMA_MAX_LOADED_MODELS; both unlimited by default.
+    `refuse_over_memory`: a load that does not fit `memory_gb` fails (an out-of-memory error)
+    rather than evicting: a GPU node whose budget the gateway alone must keep.
     `default_keep_alive` mirrors OLLAMA_KEEP_ALIVE ("5m", "300", 0.5 for half a second, "-1"):
     what every request naming no keep_alive sets, and every /v1 request is one of those.
     """
@@ -745,6 +770,7 @@ def create_app(
         default_keep_alive=server_keep_alive(default_keep_alive),
         embedding_dim=embedding_dim,
         version=version,
+        refuse_over_memory=refuse_over_memory,
     )
     app = Starlette(
         routes=[

@@ -1,0 +1,196 @@
+"""Several nodes behind one endpoint: each node's own budget, swap lane and batching window.
+
+Config first (what `nodes:`, `node:` and `routes:` mean, and that an old config is one node),
+then two emulated Ollama servers as two GPU nodes, through real sockets: each emulator keeps
+its own memory and fails a load over it, so a budget the gateway let slip would show.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.config.schema import DEFAULT_NODE, ConfigError, parse_config
+from tests.emulators import ollama as ollama_emulator
+from tests.servers import wait_until
+
+GB = 10**9
+LOAD_S = 0.6  # long enough that two loads in a row and two at once cannot be mistaken
+
+
+def ask(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def emulator(server: Any) -> Any:
+    return server.server.config.app.state.emulator
+
+
+def services(gateway: Any) -> Any:
+    return gateway.app.state.services
+
+
+def two_nodes(url_a: str, url_b: str, **extra: Any) -> dict[str, Any]:
+    """Node a (8 GB, two models) and node b (8 GB, single-active), an Ollama on each."""
+    return {
+        "swapper": {"model_swap_timeout": 30},
+        "batching": {"window_ms": 20, "min_residency_ms": 0, "max_wait_ms": 5000},
+        "nodes": {"a": {"memory_budget_gb": 8, "max_concurrent_models": 2},
+                  "b": {"memory_budget_gb": 8, "mode": "single-active"}},
+        "backends": {"ollama-a": {"kind": "ollama", "base_url": url_a, "node": "a"},
+                     "ollama-b": {"kind": "ollama", "base_url": url_b, "node": "b"}},
+        "models": {
+            "only-a": {"backend": "ollama-a", "served_name": "only-a:7b", "size_gb": 4},
+            "only-b": {"backend": "ollama-b", "served_name": "only-b:7b", "size_gb": 4},
+        },
+    } | extra
+
+
+@pytest.fixture
+def node_a(start_server: Any) -> Any:
+    return start_server(ollama_emulator.create_app(
+        {"only-a:7b": 4, "other-a:7b": 4, "both:7b": 4, "big:7b": 8}, load_delay=LOAD_S,
+        memory_gb=8, refuse_over_memory=True))
+
+
+@pytest.fixture
+def node_b(start_server: Any) -> Any:
+    return start_server(ollama_emulator.create_app(
+        {"only-b:7b": 4, "other-b:7b": 4, "both:7b": 4}, load_delay=LOAD_S, memory_gb=8,
+        refuse_over_memory=True))
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_an_old_config_is_one_node_built_from_swapper() -> None:
+    config = parse_config({
+        "swapper": {"mode": "multi-active", "max_concurrent_models": 2, "memory_budget_gb": 24},
+        "models": {"q": {"path": "ollama:q:7b", "size_gb": 4}},
+    }, env={})
+    fleet = config.fleet()
+    assert list(fleet) == [DEFAULT_NODE] and config.node_of("ollama") == DEFAULT_NODE
+    assert fleet[DEFAULT_NODE].budget() == config.swapper.budget()
+
+
+def test_nodes_have_their_own_budgets_and_backends_name_their_node() -> None:
+    config = parse_config(two_nodes("http://a:11434", "http://b:11434"), env={})
+    fleet = config.fleet()
+    assert list(fleet) == ["a", "b"]  # every backend names its node: no default node
+    assert (fleet["a"].budget().max_models, fleet["a"].budget().memory_gb) == (2, 8)
+    assert (fleet["b"].budget().max_models, fleet["b"].budget().memory_gb) == (1, 8)
+    assert config.node_of("ollama-b") == "b"
+
+
+def test_a_backend_naming_an_unknown_node_is_refused_with_the_nearest() -> None:
+    bad = two_nodes("http://a:1", "http://b:1")
+    bad["backends"]["ollama-b"]["node"] = "bb"
+    with pytest.raises(ConfigError, match=r"backends\.ollama-b\.node: unknown node 'bb'.*"
+                                          r"did you mean 'b'"):
+        parse_config(bad, env={})
+
+
+def test_a_model_larger_than_its_nodes_budget_is_refused_naming_the_node() -> None:
+    bad = two_nodes("http://a:1", "http://b:1")
+    bad["models"]["only-b"]["size_gb"] = 9
+    with pytest.raises(ConfigError, match=r"models\.only-b\.size_gb: 9 GB does not fit the "
+                                          r"memory budget of 8 GB \(nodes\.b\.memory_budget_gb\)"):
+        parse_config(bad, env={})
+
+
+def test_routes_name_every_backend_of_a_model() -> None:
+    config = two_nodes("http://a:1", "http://b:1")
+    config["models"]["both"] = {"priority": "high", "routes": [
+        {"backend": "ollama-a", "served_name": "both:7b", "size_gb": 4},
+        {"backend": "ollama-b", "served_name": "both:7b", "size_gb": 3.5}]}
+    both = parse_config(config, env={}).models["both"]
+    assert (both.name, both.backend, both.size_gb, both.placed) == ("both", "ollama-a", 4, True)
+    (second,) = both.fallbacks
+    assert (second.name, second.backend, second.size_gb, second.route_of, second.placed) == (
+        "both@ollama-b", "ollama-b", 3.5, "both", True)
+    assert second.priority == "high"  # a route is the model on another backend
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ({"backend": "ollama-a", "routes": [{"backend": "ollama-b"}]},
+     r"models\.m\.routes: names every backend"),
+    ({"routes": [{"backend": "ollama-a"}, {"backend": "ollama-a", "served_name": "x"}]},
+     r"models\.m\.routes\[1\]\.backend: backend 'ollama-a' is named by two routes"),
+    ({"routes": [{"served_name": "x"}]}, r"models\.m\.routes\[0\]\.backend: is required"),
+])
+def test_bad_routes_are_refused_naming_the_key(spec: dict[str, Any], error: str) -> None:
+    config = two_nodes("http://a:1", "http://b:1")
+    config["models"]["m"] = spec
+    with pytest.raises(ConfigError, match=error):
+        parse_config(config, env={})
+
+
+# -- two nodes, two lanes ----------------------------------------------------------------------
+
+
+def test_loads_on_two_nodes_run_at_the_same_time(start_gateway: Any, node_a: Any,
+                                                 node_b: Any) -> None:
+    gateway = start_gateway(two_nodes(node_a.url, node_b.url))
+    start = threading.Barrier(2)
+
+    def call(model: str) -> int:
+        start.wait()
+        return httpx.post(gateway.url + "/v1/chat/completions", json=ask(model),
+                          timeout=30).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(call, ["only-a", "only-b"])) == [200, 200]
+    ((_, a_start, a_end),) = emulator(node_a).load_spans
+    ((_, b_start, b_end),) = emulator(node_b).load_spans
+    assert max(a_start, b_start) < min(a_end, b_end), "the two loads did not overlap"
+
+
+def test_a_swap_on_one_node_never_waits_for_the_other(start_gateway: Any, node_a: Any,
+                                                      node_b: Any) -> None:
+    config = two_nodes(node_a.url, node_b.url)
+    config["models"]["other-b"] = {"backend": "ollama-b", "served_name": "other-b:7b",
+                                   "size_gb": 4}
+    gateway = start_gateway(config)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=ask("only-b")).status_code == 200
+        # b swaps (single-active: unload only-b, load other-b) while a loads only-a.
+        with ThreadPoolExecutor(2) as pool:
+            swap = pool.submit(http.post, "/v1/chat/completions", json=ask("other-b"))
+            wait_until(lambda: "other-b:7b" in {s[0] for s in emulator(node_b).load_spans}
+                       or services(gateway).scheduler.lanes["b"].swapping,
+                       message="node b swapping")
+            assert http.post("/v1/chat/completions", json=ask("only-a")).status_code == 200
+            assert swap.result().status_code == 200
+    a_load = emulator(node_a).load_spans[0]
+    b_second = emulator(node_b).load_spans[1]
+    assert a_load[1] < b_second[2], "node a waited for node b's swap"
+    nodes = httpx.get(gateway.url + "/status").json()["nodes"]
+    assert nodes["a"]["resident_models"] == ["only-a"]
+    assert nodes["b"]["resident_models"] == ["other-b"]
+    assert (nodes["a"]["memory_budget_gb"], nodes["b"]["max_concurrent_models"]) == (8, 1)
+
+
+def test_each_nodes_budget_holds_and_no_load_is_refused(start_gateway: Any, node_a: Any,
+                                                        node_b: Any) -> None:
+    config = two_nodes(node_a.url, node_b.url)
+    config["models"] |= {
+        "other-a": {"backend": "ollama-a", "served_name": "other-a:7b", "size_gb": 4},
+        "big": {"backend": "ollama-a", "served_name": "big:7b", "size_gb": 8},
+        "other-b": {"backend": "ollama-b", "served_name": "other-b:7b", "size_gb": 4},
+    }
+    gateway = start_gateway(config)
+    trace = ["only-a", "only-b", "other-a", "big", "other-b", "only-a", "only-b", "other-a"] * 2
+    with httpx.Client(base_url=gateway.url, timeout=60) as http, \
+            ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda m: http.post("/v1/chat/completions", json=ask(m)),
+                                trace))
+    assert [r.status_code for r in results] == [200] * len(trace)
+    for node in (node_a, node_b):
+        state = emulator(node)
+        assert state.max_loaded_bytes <= 8 * GB
+        assert not state.refused_loads, "a load was sent that the node could not hold"
+        assert not [e for e in state.evictions if e[1] == "memory"], "the node had to evict"
