@@ -5,14 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import reaped, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process backends record their servers in the test's own state directory."""
+    monkeypatch.setenv("SWAPPER_STATE_DIR", str(tmp_path / "state"))
 
 
 def ask(model: str) -> dict[str, Any]:

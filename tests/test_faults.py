@@ -31,6 +31,12 @@ READ_TIMEOUT = 0.5
 SLACK = 2.0  # scheduling noise on a busy CI machine, on top of a timeout
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process backends record their servers in the test's own state directory."""
+    monkeypatch.setenv("SWAPPER_STATE_DIR", str(tmp_path / "state"))
+
+
 def ask(model: str = "m1", text: str = "hi", **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **fields}
 
