@@ -174,7 +174,11 @@ class ProcessDriver:
                 return
             if current is not None:  # it exited a moment ago and its watcher is still draining
                 await self._discard(current)
-            process = await self._spawn(model)
+            try:
+                process = await self._spawn(model)
+            except DriverError as exc:  # it never ran: the details are ours to log
+                log.warning("process.failed", model=model.name, detail=exc.detail)
+                raise
             self._processes[model.name] = process
             try:
                 await process.wait_ready(process.url + self.backend.health_path,
