@@ -43,6 +43,14 @@ def iso_local(wall: float | None) -> str | None:
     return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
 
 
+_RESIDENT_FIRST = (State.LOADED, State.LOADING, State.UNLOADING, State.FAILED, State.UNLOADED)
+
+
+def _most_resident(routes: list[ModelStatus]) -> ModelStatus:
+    """The route that best says where a placed model is: loaded, else loading, ..."""
+    return min(routes, key=lambda m: _RESIDENT_FIRST.index(m.state))
+
+
 @dataclass(frozen=True)
 class _Shown:
     """A public model as the caller sees it: its config, its own route's status, all routes."""
@@ -95,8 +103,17 @@ class SwapperApi:
         for name, model in status.models.items():
             config = catalog.get(name)
             if model.name == model.model and config is not None and access.may_see(config):
-                models[name] = _Shown(config, model, status.routes_of(name))
+                routes = status.routes_of(name)
+                # A placed model is wherever placement put it: its most resident route speaks
+                # for it. A fallback model is its primary, as before.
+                shown = self._placed_at(routes) if config.placed else model
+                models[name] = _Shown(config, shown, routes)
         return _View(status, models)
+
+    def _placed_at(self, routes: list[ModelStatus]) -> ModelStatus:
+        """Where a placed model is: its most resident route whose backend is up, if any."""
+        up = [route for route in routes if self.services.health.up(route.backend)]
+        return _most_resident(up or routes)
 
     def _one(self, request: Request) -> _Shown:
         name = request.path_params["name"]
@@ -215,7 +232,7 @@ class SwapperApi:
             "unloaded_at": iso_local(m.unloaded_at),
             "total_uptime_seconds": round(m.uptime_s, 3),
             "state": m.state.value,
-            "backend": model.backend,
+            "backend": m.backend,
             "aliases": list(model.aliases),
             "request_count": shown.request_count,
             "load_count": m.load_count,
@@ -229,7 +246,7 @@ class SwapperApi:
     def _metrics(shown: _Shown) -> dict[str, Any]:
         m = shown.status
         return {
-            "model_name": m.name,
+            "model_name": shown.config.name,
             "status": _OLD_STATUS[m.state],
             "loaded_at": iso_local(m.loaded_at),
             "uptime_hours": round(m.uptime_s / 3600, 6),
@@ -248,17 +265,23 @@ class SwapperApi:
         return _json(self._describe(self._one(request)))
 
     async def load(self, request: Request) -> Response:
-        name = self._one(request).config.name
-        await self.services.scheduler.load(name)
-        return self._done(name, "loaded")
+        config = self._one(request).config
+        # A placed model loads where placement puts it; any other on its own route.
+        route = self.services.fallback.choose(config) if config.placed else config
+        await self.services.scheduler.load(route.name)
+        return self._done(config, "loaded")
 
     async def unload(self, request: Request) -> Response:
-        name = self._one(request).config.name
-        await self.services.scheduler.unload(name)
-        return self._done(name, "unloaded")
+        config = self._one(request).config
+        routes = self.services.catalog.routes(config) if config.placed else [config]
+        for route in routes:  # a placed model leaves every node that holds it
+            await self.services.scheduler.unload(route.name)
+        return self._done(config, "unloaded")
 
-    def _done(self, name: str, what: str) -> Response:
-        state = self.services.scheduler.status().models[name].state
+    def _done(self, config: ModelConfig, what: str) -> Response:
+        routes = self.services.scheduler.status().routes_of(config.name)
+        state = (self._placed_at(routes) if config.placed else routes[0]).state
+        name = config.name
         return _json({"status": "success", "model": name, "message": f"Model {name} {what}",
                       "model_status": _OLD_STATUS[state]})
 

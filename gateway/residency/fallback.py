@@ -1,7 +1,12 @@
-"""Fallback between a model's backends (vLLM in production, Ollama behind it, say).
+"""Route choice between a model's backends: ordered fallback, or placement across nodes.
 
-Requests go to the first route whose backend is up and whose model is not waiting out a failed
-load. A backend is down after `threshold` failed requests in a row (unreachable, timing out,
+`fallback:` (vLLM in production, Ollama behind it, say): requests go to the first route whose
+backend is up and whose model is not waiting out a failed load (`policies.fallback`).
+`routes:`: the placement policy picks the route (`policies.placement`): where the model is
+resident (the least busy copy), else where it is already on its way, else where it fits, else
+where making room costs least, among routes whose backend is up.
+
+A backend is down after `threshold` failed requests in a row (unreachable, timing out,
 answering 5xx); a background check asks its driver's health every few seconds and brings it
 back, and traffic with it, as soon as it answers.
 """
@@ -20,6 +25,7 @@ from gateway.residency.drivers.base import Driver
 from gateway.residency.scheduler import Scheduler
 from gateway.residency.snapshot import SchedulerStatus
 from policies.fallback import RouteView, choose_route
+from policies.placement import NodeView, Placement, RouteOption, place
 
 log = structlog.get_logger("gateway.residency.fallback")
 
@@ -40,7 +46,21 @@ class Fallback:
         if len(routes) == 1:
             return model
         status = status or self.scheduler.status()
+        if model.placed:
+            return routes[self._place(routes, status).index]
         return routes[choose_route([self._view(route, status) for route in routes])]
+
+    def _place(self, routes: list[ModelConfig], status: SchedulerStatus) -> Placement:
+        shown = [status.models[route.name] for route in routes if route.name in status.models]
+        if len(shown) != len(routes):
+            return Placement(0, "not in the scheduler yet")  # between a reload's two halves
+        options = [RouteOption(m.view, m.node, self.health.up(m.backend)) for m in shown]
+        nodes = {
+            name: NodeView(name, node.budget, {
+                m.name: m.view for m in status.models.values() if m.node == name and m.managed})
+            for name, node in status.nodes.items() if name in {m.node for m in shown}
+        }
+        return place(options, nodes, self.scheduler.config.batching, self.scheduler.clock())
 
     def _view(self, route: ModelConfig, status: SchedulerStatus) -> RouteView:
         shown = status.models.get(route.name)

@@ -1,0 +1,210 @@
+"""policies/placement.py: which node serves a model that has routes on several."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.eviction import fits_at_all, fits_beside
+from policies.placement import NodeView, RouteOption, eviction_cost, place
+from policies.types import BatchingConfig, Budget, ModelView, State
+
+CONFIG = BatchingConfig(window_ms=8000, max_wait_ms=60000, min_residency_ms=20000)
+NOW = 1000.0
+
+
+def node(name: str, budget: Budget, *models: ModelView) -> NodeView:
+    return NodeView(name, budget, {m.name: m for m in models})
+
+
+def route(node_name: str, **fields: Any) -> RouteOption:
+    healthy = fields.pop("healthy", True)
+    return RouteOption(ModelView(name=f"m@{node_name}", **fields), node_name, healthy)
+
+
+def nodes_with(*views: NodeView, routes: list[RouteOption]) -> dict[str, NodeView]:
+    """Each node holding its routes' views too (a route is a model on its node)."""
+    out = {}
+    for view in views:
+        mine = {r.model.name: r.model for r in routes if r.node == view.name}
+        out[view.name] = NodeView(view.name, view.budget, {**view.models, **mine})
+    return out
+
+
+def idle(name: str, **fields: Any) -> ModelView:
+    return ModelView(name=name, state=State.LOADED, loaded_at=0.0, last_used=0.0, **fields)
+
+
+TWELVE = Budget(memory_gb=12)
+
+
+def test_where_it_is_resident_it_is_served() -> None:
+    routes = [route("a", size_gb=4), route("b", size_gb=4, state=State.LOADED)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_the_least_busy_resident_copy_serves() -> None:
+    routes = [route("a", state=State.LOADED, in_flight=5),
+              route("b", state=State.LOADED, in_flight=1, queued=1)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_model_loading_somewhere_draws_its_requests_there() -> None:
+    routes = [route("a", size_gb=4), route("b", size_gb=4, state=State.LOADING)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_where_it_fits_without_eviction_beats_where_room_must_be_made() -> None:
+    routes = [route("a", size_gb=6), route("b", size_gb=6)]
+    nodes = nodes_with(node("a", TWELVE, idle("x", size_gb=8)), node("b", TWELVE),
+                       routes=routes)
+    placement = place(routes, nodes, CONFIG, NOW)
+    assert placement.index == 1 and "without eviction" in placement.reason
+
+
+def test_of_the_nodes_where_it_fits_the_quicker_load_wins() -> None:
+    routes = [route("a", size_gb=6, load_seconds=30), route("b", size_gb=6, load_seconds=8)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_room_is_made_where_the_victims_are_wanted_least() -> None:
+    wanted = idle("coder", size_gb=8, priority="high", queued=0, in_flight=3, load_seconds=20)
+    spare = idle("old", size_gb=8, priority="low", load_seconds=5)
+    routes = [route("a", size_gb=6), route("b", size_gb=6)]
+    nodes = nodes_with(node("a", TWELVE, wanted), node("b", TWELVE, spare), routes=routes)
+    placement = place(routes, nodes, CONFIG, NOW)
+    assert placement.index == 1 and "least eviction cost" in placement.reason
+
+
+def test_a_victim_inside_its_min_residency_is_spared_if_another_node_can_make_room() -> None:
+    fresh = ModelView("fresh", State.LOADED, size_gb=8, loaded_at=NOW - 1, last_used=NOW,
+                      in_flight=1, load_seconds=2)
+    settled = idle("settled", size_gb=8, load_seconds=30, in_flight=2)
+    routes = [route("a", size_gb=6), route("b", size_gb=6)]
+    nodes = nodes_with(node("a", TWELVE, fresh), node("b", TWELVE, settled), routes=routes)
+    assert eviction_cost(routes[0], nodes["a"], CONFIG, NOW)[0]  # breaks min residency
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_route_whose_backend_is_down_is_left_even_where_the_model_is_resident() -> None:
+    routes = [route("a", state=State.LOADED, healthy=False), route("b", size_gb=4)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_route_backing_off_after_a_failed_load_is_left() -> None:
+    routes = [route("a", state=State.FAILED, retry_at=NOW + 30), route("b", size_gb=4)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_route_too_large_for_its_node_is_left() -> None:
+    routes = [route("a", size_gb=16), route("b", size_gb=4)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE, idle("x", size_gb=10)),
+                       routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_with_every_route_out_the_first_answers_with_its_error() -> None:
+    routes = [route("a", healthy=False), route("b", healthy=False)]
+    nodes = nodes_with(node("a", TWELVE), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 0
+
+
+# -- properties over arbitrary fleets -----------------------------------------------------------
+
+STATES = st.sampled_from(list(State))
+PRIORITIES = st.sampled_from(["high", "normal", "low"])
+
+
+@st.composite
+def other_model(draw: Any, name: str) -> ModelView:
+    state = draw(STATES)
+    return ModelView(
+        name=name, state=state, size_gb=draw(st.sampled_from([2.0, 4.0, 6.0, 8.0])),
+        priority=draw(PRIORITIES), in_flight=draw(st.integers(0, 3)) if state is State.LOADED
+        else 0, queued=draw(st.integers(0, 4)), loaded_at=draw(st.floats(0, NOW)),
+        last_used=draw(st.floats(0, NOW)), admitting=draw(st.booleans()),
+        load_seconds=draw(st.floats(1, 30)),
+        oldest_wait_since=draw(st.floats(NOW - 50, NOW)))
+
+
+@st.composite
+def fleets(draw: Any) -> tuple[list[RouteOption], dict[str, NodeView]]:
+    names = [f"n{i}" for i in range(draw(st.integers(2, 3)))]
+    views, routes = [], []
+    for name in names:
+        budget = Budget(max_models=draw(st.sampled_from([None, 1, 2, 3])),
+                        memory_gb=draw(st.sampled_from([None, 8.0, 12.0, 20.0])))
+        others = [draw(other_model(f"{name}-x{j}")) for j in range(draw(st.integers(0, 3)))]
+        views.append(node(name, budget, *others))
+        state = draw(STATES)
+        routes.append(RouteOption(ModelView(
+            name=f"m@{name}", state=state, size_gb=draw(st.sampled_from([2.0, 4.0, 6.0, 10.0])),
+            in_flight=draw(st.integers(0, 2)) if state is State.LOADED else 0,
+            queued=draw(st.integers(0, 3)), admitting=draw(st.booleans()),
+            load_seconds=draw(st.floats(1, 30)),
+            retry_at=draw(st.sampled_from([None, NOW - 1, NOW + 10]))), name,
+            healthy=draw(st.booleans())))
+    return routes, nodes_with(*views, routes=routes)
+
+
+def usable(option: RouteOption, nodes: dict[str, NodeView]) -> bool:
+    m = option.model
+    backing_off = m.state is State.FAILED and m.retry_at is not None and m.retry_at > NOW
+    fits = m.state is State.LOADED or fits_at_all(m, nodes[option.node].budget)
+    return option.healthy and not backing_off and fits
+
+
+@settings(max_examples=400, deadline=None)
+@given(fleets())
+def test_placement_never_picks_a_route_that_is_out_while_another_is_usable(fleet: Any) -> None:
+    routes, nodes = fleet
+    chosen = place(routes, nodes, CONFIG, NOW)
+    assert 0 <= chosen.index < len(routes)
+    if any(usable(r, nodes) for r in routes):
+        assert usable(routes[chosen.index], nodes)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fleets())
+def test_a_serving_copy_is_used_and_the_least_busy_one(fleet: Any) -> None:
+    routes, nodes = fleet
+    serving = [r for r in routes if usable(r, nodes) and r.model.state is State.LOADED
+               and r.model.admitting]
+    if not serving:
+        return
+    chosen = routes[place(routes, nodes, CONFIG, NOW).index].model
+    assert chosen.state is State.LOADED and chosen.admitting
+    assert chosen.in_flight + chosen.queued == min(r.model.in_flight + r.model.queued
+                                                   for r in serving)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fleets())
+def test_eviction_is_chosen_only_when_no_node_has_room(fleet: Any) -> None:
+    routes, nodes = fleet
+    placement = place(routes, nodes, CONFIG, NOW)
+    if "eviction cost" not in placement.reason and "min residency" not in placement.reason:
+        return
+    for r in routes:
+        if usable(r, nodes):
+            assert not fits_beside(r.model, nodes[r.node].models, nodes[r.node].budget)
+    chosen = eviction_cost(routes[placement.index], nodes[routes[placement.index].node],
+                           CONFIG, NOW)
+    for r in routes:
+        if usable(r, nodes):
+            assert chosen <= eviction_cost(r, nodes[r.node], CONFIG, NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fleets())
+def test_placement_is_a_pure_function_of_its_snapshot(fleet: Any) -> None:
+    routes, nodes = fleet
+    assert place(routes, nodes, CONFIG, NOW) == place(list(routes), dict(nodes), CONFIG, NOW)
