@@ -194,3 +194,112 @@ def test_each_nodes_budget_holds_and_no_load_is_refused(start_gateway: Any, node
         assert state.max_loaded_bytes <= 8 * GB
         assert not state.refused_loads, "a load was sent that the node could not hold"
         assert not [e for e in state.evictions if e[1] == "memory"], "the node had to evict"
+
+
+# -- routes and placement across the two nodes ---------------------------------------------------
+
+
+def with_both(config: dict[str, Any], **both: Any) -> dict[str, Any]:
+    """A model `both` that either node may serve (a's route first), and `big` filling node a."""
+    config["models"] |= {
+        "both": {"routes": [{"backend": "ollama-a", "served_name": "both:7b", "size_gb": 4},
+                            {"backend": "ollama-b", "served_name": "both:7b", "size_gb": 4}],
+                 **both},
+        "big": {"backend": "ollama-a", "served_name": "big:7b", "size_gb": 8},
+    }
+    return config
+
+
+def test_a_model_with_routes_is_placed_where_it_fits_and_served_where_it_is(
+        start_gateway: Any, node_a: Any, node_b: Any) -> None:
+    gateway = start_gateway(with_both(two_nodes(node_a.url, node_b.url)))
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=ask("big")).status_code == 200
+        # Node a is full (big, 8 GB); node b is empty: `both` goes to b, big stays.
+        answer = http.post("/v1/chat/completions", json=ask("both"))
+        assert answer.status_code == 200 and answer.json()["model"] == "both"
+        assert emulator(node_b).loaded == frozenset({"both:7b"})
+        assert emulator(node_a).loaded == frozenset({"big:7b"})
+        # Resident on b: served there again, and nothing loads anywhere.
+        loads = sum(emulator(node_a).load_count.values()) + sum(
+            emulator(node_b).load_count.values())
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        assert sum(emulator(node_a).load_count.values()) + sum(
+            emulator(node_b).load_count.values()) == loads
+        assert emulator(node_b).requests["both:7b"] == 2
+        shown = http.get("/models/both").json()
+        assert (shown["status"], shown["backend"], shown["node"]) == ("loaded", "ollama-b", "b")
+        status = http.get("/status").json()
+        assert "both" in status["loaded_models"]
+        assert status["models"]["both"]["routes"] == {"ollama-a": "unloaded",
+                                                      "ollama-b": "loaded"}
+        assert status["nodes"]["b"]["resident_models"] == ["both@ollama-b"]
+
+
+def test_requests_arriving_together_for_a_placed_model_share_one_load(
+        start_gateway: Any, node_a: Any, node_b: Any) -> None:
+    gateway = start_gateway(with_both(two_nodes(node_a.url, node_b.url)))
+    with httpx.Client(base_url=gateway.url, timeout=30) as http, \
+            ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: http.post("/v1/chat/completions", json=ask("both")),
+                                range(6)))
+    assert [r.status_code for r in results] == [200] * 6
+    loads = emulator(node_a).load_count["both:7b"] + emulator(node_b).load_count["both:7b"]
+    assert loads == 1, "the model was placed on both nodes"
+
+
+@pytest.fixture
+def doomed_a(start_server: Any) -> Any:
+    """Node a, which the test kills."""
+    return start_server(ollama_emulator.create_app(
+        {"both:7b": 4, "only-a:7b": 4}, load_delay=LOAD_S, memory_gb=8,
+        refuse_over_memory=True))
+
+
+def test_a_node_killed_its_model_is_served_from_the_other(start_gateway: Any, doomed_a: Any,
+                                                          node_b: Any) -> None:
+    config = two_nodes(doomed_a.url, node_b.url)
+    config["models"]["both"] = {"routes": [
+        {"backend": "ollama-a", "served_name": "both:7b", "size_gb": 4},
+        {"backend": "ollama-b", "served_name": "both:7b", "size_gb": 4}]}
+    gateway = start_gateway(config)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        assert emulator(doomed_a).loaded == frozenset({"both:7b"})  # a's route comes first
+        doomed_a.stop()
+        answer = http.post("/v1/chat/completions", json=ask("both"))
+        assert answer.status_code == 200, answer.text
+        assert emulator(node_b).requests["both:7b"] == 1  # loaded on b and served there
+        # A model that lives only on the dead node says so, and b goes on serving.
+        assert http.post("/v1/chat/completions", json=ask("only-a")).status_code in (502, 503)
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        shown = http.get("/status").json()["models"]["both"]
+        assert (shown["serving_backend"], shown["status"]) == ("ollama-b", "loaded")
+
+
+def test_a_node_that_returns_is_reconciled_with_what_it_holds(
+        start_gateway: Any, start_server: Any, doomed_a: Any, node_b: Any) -> None:
+    config = two_nodes(doomed_a.url, node_b.url)
+    config["models"]["both"] = {"routes": [
+        {"backend": "ollama-a", "served_name": "both:7b", "size_gb": 4},
+        {"backend": "ollama-b", "served_name": "both:7b", "size_gb": 4}]}
+    gateway = start_gateway(config)
+    scheduler = services(gateway).scheduler
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        doomed_a.stop()
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        # Node a comes back on its address, restarted: `both` is gone from it, and someone
+        # loaded only-a there meanwhile.
+        back = start_server(ollama_emulator.create_app(
+            {"both:7b": 4, "only-a:7b": 4}, load_delay=LOAD_S, memory_gb=8),
+            port=doomed_a.port)
+        httpx.post(back.url + "/api/generate", json={"model": "only-a:7b", "keep_alive": -1})
+        gateway.call(scheduler.reconcile())
+        gateway.call(services(gateway).fallback.check())
+        status = http.get("/status").json()
+        assert status["models"]["both"]["routes"] == {"ollama-a": "unloaded",
+                                                      "ollama-b": "loaded"}
+        assert status["nodes"]["a"]["resident_models"] == ["only-a"]
+        assert http.post("/v1/chat/completions", json=ask("only-a")).status_code == 200
+        assert emulator(back).load_count["only-a:7b"] == 1  # found, not loaded again

@@ -98,6 +98,9 @@ class OllamaDriver(HttpDriver):
     async def resident(self) -> set[str] | None:
         return set(await self._expiries())
 
+    async def health(self) -> bool:
+        return await self._answers("/api/version")
+
     def url_for(self, model: ModelConfig) -> str:
         self._pin_soon(model)  # a request is about to reset the model's keep-alive
         return self.base_url
@@ -182,6 +185,3 @@ def _forever(expires_at: str) -> bool:
         return int(expires_at[:4]) - time.gmtime().tm_year > _FOREVER_YEARS
     except ValueError:
         return True  # cannot tell: leave it be
-
-    async def health(self) -> bool:
-        return await self._answers("/api/version")
