@@ -18,7 +18,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -300,15 +300,17 @@ class Scheduler:
                     reason: str) -> None:
         try:
             models = [*evict, *([load] if load else [])]
-            async with self._exclusive(lane, models, surprises) as ready:
-                if not ready:
+            async with self._exclusive(lane, models, surprises) as turn:
+                if not turn:
                     log.info("scheduler.swap_deferred", load=load, evict=evict,
-                             reason="backend busy or changed by another replica")
+                             reason="node busy or changed by another replica")
                     return
                 for name in evict:
                     await self._unload(self.slots[name], reason)
                 still_resident = [n for n in evict if self.slots[n].residency.state is State.LOADED]
-                if load is not None and not still_resident:
+                if load is not None and not turn.lock:
+                    log.info("scheduler.swap_deferred", load=load, reason="node lock lost")
+                elif load is not None and not still_resident:
                     await self._load(self.slots[load])
                 elif load is not None:
                     log.info("scheduler.swap_deferred", load=load, busy=still_resident)
@@ -321,7 +323,7 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, lane: Lane, models: Iterable[str],
-                         surprises: int) -> AsyncIterator[bool]:
+                         surprises: int) -> AsyncIterator[_Turn]:
         """The right to load and unload on this node; False if the plan is stale.
 
         The node's lock is every managed backend on it, taken together: its memory is one pool,
@@ -336,7 +338,7 @@ class Scheduler:
             try:
                 if locked and self.coordinator.shared:
                     await self.truth.reconcile(backends)
-                yield bool(locked) and self.truth.surprises == surprises
+                yield _Turn(locked, self.truth.surprises == surprises)
             finally:
                 await self.coordinator.changed(touched)
 
@@ -516,6 +518,18 @@ class Scheduler:
         await self.coordinator.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.close()
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A node's turn to swap: truthy when its lock is held and the plan is not stale. The lock
+    may be lost midway (`lock` turns falsy): no further load or unload may begin then."""
+
+    lock: Any  # the coordinator's SwapLock (truthy while held)
+    fresh: bool  # nothing changed behind the plan's back before the lock was got
+
+    def __bool__(self) -> bool:
+        return bool(self.lock) and self.fresh
 
 
 class _NodeBox:
