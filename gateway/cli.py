@@ -70,6 +70,9 @@ def serve(args: argparse.Namespace, quiet_events: frozenset[str] = frozenset(),
         "host": host, "port": port, "log_level": "warning", "access_log": False,
         "loop": "auto", "http": "auto",
         "timeout_graceful_shutdown": int(config.server.shutdown_grace_s),
+        # The gateway reads no client address (it logs none), so X-Forwarded-For is not
+        # parsed on every request.
+        "proxy_headers": False,
     }
     if args.workers > 1:
         listening.close()  # uvicorn's supervisor binds it again for its workers

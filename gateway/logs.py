@@ -8,14 +8,16 @@ one, returned in the answer either way). Prompts and keys are never logged.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import IO, Any
 
+import orjson
 import structlog
 from starlette.types import Receive, Scope, Send
 
@@ -41,8 +43,10 @@ def configure_logging(level: str = "info", log_format: str = "auto",
     if not isinstance(numeric, int):
         numeric = logging.INFO
     console = resolve_format(log_format) == "console"
-    renderer: Any = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-                     if console else structlog.processors.JSONRenderer())
+    binary = getattr(sys.stderr, "buffer", None)  # JSON lines go out as bytes, one write each
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console
+                     else structlog.processors.JSONRenderer(
+                         serializer=orjson.dumps if binary else json.dumps))
     structlog.configure(
         processors=[
             *([_drop(quiet_events)] if quiet_events else []),
@@ -54,7 +58,8 @@ def configure_logging(level: str = "info", log_format: str = "auto",
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=(structlog.BytesLoggerFactory(file=binary) if binary and not console
+                        else structlog.PrintLoggerFactory(file=sys.stderr)),
         cache_logger_on_first_use=True,
     )
 
@@ -77,7 +82,7 @@ def request_id_from(scope: Scope) -> str:
             candidate = value.decode("latin-1")
             if _REQUEST_ID.match(candidate):
                 return candidate
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as a uuid4, at a fraction of its cost
 
 
 class AccessLog:

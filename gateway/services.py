@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -132,6 +133,7 @@ class Services:
     async def start(self) -> None:
         await self.scheduler.start()
         self.spawn(self.fallback.watch())
+        _settle_gc()
         self.ready = True
 
     async def stop(self) -> None:
@@ -156,6 +158,18 @@ class Services:
 
 def _models_of(catalog: Catalog, backend: str) -> list[ModelConfig]:
     return [m for m in catalog.all_models() if m.backend == backend]
+
+
+GC_THRESHOLD = (35_000, 10, 10)
+
+
+def _settle_gc() -> None:
+    """What start-up built lives as long as the process: freeze it, so collections never walk
+    it again, and collect the young generation less often. Requests make few cycles; with the
+    defaults the collector took 10-15 % of the CPU and paused 30-80 ms (bench/relay_cpu.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def _coordinator(config: GatewayConfig) -> Coordinator:

@@ -171,7 +171,7 @@ def test_logs_are_json_in_a_pipe_and_for_people_on_a_terminal(
     config = write_config(tmp_path / "gateway.yaml", backend.url)
     piped = serve(gateways, config).wait_up()  # auto: stdout/stderr are a pipe here
     assert chat(piped.url).status_code == 200
-    piped.wait_for('"path": "/v1/chat/completions"')
+    piped.wait_for('"path":"/v1/chat/completions"')  # compact JSON, one object a line
     records = [json.loads(line) for line in piped.lines if line.startswith("{")]
     assert len(records) == len(piped.lines), piped.output  # every line is one JSON object
     listening = next(r for r in records if r["event"] == "gateway.listening")

@@ -78,7 +78,7 @@ class BackendConfig:
     base_url: str | None = None
     api_key: str | None = None
     timeouts: Timeouts = Timeouts()
-    max_connections: int = 512
+    max_connections: int = 4096  # one per open stream: 512 made the 513th stream wait
     endpoints: frozenset[str] = frozenset(_DEFAULT_ENDPOINTS)
     # process driver: one command per model, PROCESS_PLACEHOLDERS are filled in.
     cmd: str | None = None
@@ -425,7 +425,7 @@ def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendC
         base_url=_normalise_url(base_url),
         api_key=reader.get(data, "api_key", path, str, None),
         timeouts=_timeouts(reader, data, path),
-        max_connections=reader.get(data, "max_connections", path, int, 512),
+        max_connections=reader.get(data, "max_connections", path, int, 4096),
         endpoints=frozenset(endpoints),
         cmd=cmd,
         health_path=reader.get(data, "health_path", path, str, "/health"),

@@ -41,18 +41,46 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Run `work` but cancel it (and raise ClientGone) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    """Run `work` in this task, but cancel it (and raise ClientGone) if the client disconnects
+    first. One watcher task, no second task for the work: this runs on every call."""
+    watch = _Watch(receive)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        raise ClientGone
-    return task.result()
+        result = await work
+    except asyncio.CancelledError:
+        if watch.stop():
+            raise ClientGone from None
+        raise
+    watch.stop()
+    return result
+
+
+class _Watch:
+    """Cancels the task that made it when the client disconnects, until stopped."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._task = asyncio.current_task()
+        self._fired = self._stopped = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        await wait_for_disconnect(receive)
+        if not self._stopped and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    @property
+    def fired(self) -> bool:
+        return self._fired
+
+    def stop(self) -> bool:
+        """Stop watching; whether the client's leaving cancelled the task (and that cancel is
+        taken back, so only a cancel from elsewhere, a shutdown, stays pending)."""
+        if not self._stopped:
+            self._stopped = True
+            self._watcher.cancel()
+            if self._fired and self._task is not None:
+                self._task.uncancel()
+        return self._fired
 
 
 class RelayResponse:
@@ -71,19 +99,17 @@ class RelayResponse:
         # Runs however the response ends, even if the body was never started (a client that
         # left at once): a generator's own `finally` does not run then.
         self.on_close = on_close
-        self._client_left = False
+        self._watch: _Watch | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        producer = asyncio.ensure_future(self._produce(send))
-        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        self._watch = _Watch(receive)
         try:
-            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
-            self._client_left = watcher.done()
+            await self._produce(send)
+        except asyncio.CancelledError:
+            if not self._watch.stop():
+                raise  # a shutdown, not the client: the cancel goes on
         finally:
-            watcher.cancel()
-            if not producer.done():
-                producer.cancel()
-            await asyncio.gather(producer, watcher, return_exceptions=True)
+            self._watch.stop()
             if self.on_close is not None:
                 self.on_close()
 
@@ -99,7 +125,8 @@ class RelayResponse:
         except OSError:
             pass  # the client went away while we were writing
         except asyncio.CancelledError:
-            if not self._client_left:  # cut by a forced shutdown: say so to a client still there
+            if self._watch is not None and not self._watch.fired:
+                # Cut by a forced shutdown: say so to a client still there.
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": _CUT.sse_event()})
@@ -119,12 +146,21 @@ class ModelRenamer:
     """
 
     def __init__(self, served: str, requested: str) -> None:
-        quoted = re.escape(orjson.dumps(served))
-        self._pattern = re.compile(rb'("model"\s*:\s*)' + quoted)
-        self._replacement = rb"\g<1>" + orjson.dumps(requested).replace(b"\\", b"\\\\")
+        self._served = orjson.dumps(served)
+        new = orjson.dumps(requested)
+        self._compact = (b'"model":' + self._served, b'"model":' + new)
+        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(self._served))
+        self._replacement = rb"\g<1>" + new.replace(b"\\", b"\\\\")
         self._pending = b""
 
     def rename(self, data: bytes) -> bytes:
+        """Most answers write `"model":"name"` compactly: a plain replace does those, and the
+        pattern (spaces around the colon) runs only if the name is still there."""
+        if self._served not in data:
+            return data
+        data = data.replace(*self._compact)
+        if self._served not in data:
+            return data
         return self._pattern.sub(self._replacement, data)
 
     def feed(self, chunk: bytes) -> bytes:
