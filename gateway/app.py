@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from starlette.applications import Starlette
@@ -25,8 +26,9 @@ from gateway.errors import GatewayError
 from gateway.fronts.admin import AdminApi
 from gateway.fronts.openai import OpenAIApi
 from gateway.fronts.swapper import SwapperApi
-from gateway.fronts.ui import ui_routes
-from gateway.logs import AccessLog, configure_logging
+from gateway.fronts.ui import Console, ui_routes
+from gateway.logs import AccessLog, Observer, configure_logging
+from gateway.progress import EVERY_S, log_loads, watch
 from gateway.relay.stream import ClientGone
 from gateway.services import Services
 
@@ -87,11 +89,23 @@ async def _discover_later(services: Services) -> None:
         log.error("discovery.apply_failed", error=str(exc))
 
 
+def _observers(*observers: Observer) -> Observer:
+    """The access log feeds several readers the same record."""
+    def observe(state: dict[str, Any], record: dict[str, Any]) -> None:
+        for each in observers:
+            each(state, record)
+
+    return observe
+
+
 def create_app(config: GatewayConfig, services: Services | None = None,
-               loader: Loader | None = None) -> Starlette:
+               loader: Loader | None = None, progress_every_s: float = EVERY_S) -> Starlette:
+    """`progress_every_s`: how often the progress task reads the scheduler's snapshot (the
+    load-progress log line, the status page's timeline)."""
     if loader is None and discovery_applies(config):
         loader = lambda: discover_ollama_models(config)  # noqa: E731 (a reload re-asks Ollama)
     services = services or Services(config, loader)
+    console = Console()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -102,6 +116,8 @@ def create_app(config: GatewayConfig, services: Services | None = None,
             log.warning("config.unknown_key", config=config.source, key=key, message=warning)
         if discovery_applies(services.config):
             services.spawn(_discover_later(services))
+        services.spawn(watch(services.scheduler.status,
+                             [log_loads, console.residencies.observe], progress_every_s))
         if config.auth.open:
             log.warning("auth.open", message="no API keys configured: every client is let in")
         try:
@@ -112,9 +128,10 @@ def create_app(config: GatewayConfig, services: Services | None = None,
 
     app = Starlette(
         routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
-                *AdminApi(services).routes(), *ui_routes(services)],
+                *AdminApi(services).routes(), *ui_routes(services, console)],
         middleware=[
-            Middleware(AccessLog, observer=services.metrics.requests.observe),
+            Middleware(AccessLog, observer=_observers(services.metrics.requests.observe,
+                                                      console.requests.observe)),
             Middleware(HeaderLimit, max_bytes=lambda: services.config.server.max_header_bytes),
             Middleware(AuthMiddleware, keyring=lambda: services.keys),
         ],

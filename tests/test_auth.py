@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 from collections.abc import Iterator
@@ -210,11 +211,19 @@ def access_table() -> list[tuple[str, dict[str, int]]]:
     return rows
 
 
+ANOTHER_SITE = "http://elsewhere.example"
+
+
 def table_request(client: httpx.Client, route: str, key: str | None) -> httpx.Response:
-    """The request a route cell describes: `METHOD /path`, an optional `model`, (Prometheus)."""
-    method_path, *model = re.findall(r"`([^`]+)`", route)
+    """The request a route cell describes: `METHOD /path`, an optional `model`, (Prometheus),
+    from another site (an `Origin` header), the key as a Basic password."""
+    method_path, *model = re.findall(r"`([^`]+)`", route.split(" (`Origin`)")[0])
     method, path = method_path.split(" ", 1)
     headers = {"authorization": f"Bearer {key}"} if key else {}
+    if key and "Basic password" in route:
+        headers["authorization"] = "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()
+    if "another site" in route:
+        headers["origin"] = ANOTHER_SITE
     if "(Prometheus)" in route:
         headers["accept"] = "text/plain"
     body: dict[str, Any] | None = None
@@ -298,5 +307,49 @@ def test_the_status_page_asks_a_browser_for_the_key(table_gateway: str) -> None:
     refused = httpx.get(table_gateway + "/ui")
     assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
     page = httpx.get(table_gateway + "/ui", auth=("anyone", OPS))
-    assert page.status_code == 200 and "m-b" in page.text
-    assert httpx.get(table_gateway + "/ui", auth=("anyone", TEAM_A_ONLY)).status_code == 403
+    assert page.status_code == 200 and "m-a" in page.text and "m-b" in page.text
+    assert 'data-admin="true"' in page.text  # the page offers its actions
+
+
+def test_a_limited_key_reads_the_page_with_its_models_only(table_gateway: str) -> None:
+    page = httpx.get(table_gateway + "/ui", auth=("anyone", TEAM_A_ONLY))
+    assert page.status_code == 200 and "m-a" in page.text
+    assert "m-b" not in page.text
+    assert 'data-admin="false"' in page.text  # read-only: no actions offered
+
+
+def test_a_remembered_basic_password_never_acts(table_gateway: str) -> None:
+    """What a browser does by itself, once the page was read with Basic credentials, and so
+    what another site's page could make it do."""
+    with httpx.Client(base_url=table_gateway, auth=("anyone", OPS), timeout=30) as browser:
+        assert browser.get("/ui").status_code == 200
+        for method, path in (("POST", "/models/m-a/unload"), ("DELETE", "/cache"),
+                             ("POST", "/admin/reload")):
+            answer = browser.request(method, path)
+            assert answer.status_code == 401, (path, answer.text)
+
+
+def test_another_sites_page_cannot_act_even_with_the_key(table_gateway: str) -> None:
+    bearer = {"authorization": f"Bearer {OPS}"}
+    host = table_gateway.removeprefix("http://")
+    refused = httpx.post(table_gateway + "/models/m-a/load",
+                         headers={**bearer, "origin": ANOTHER_SITE})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_origin"
+    null = httpx.delete(table_gateway + "/cache", headers={**bearer, "origin": "null"})
+    assert null.status_code == 403
+    own = httpx.post(table_gateway + "/models/m-a/load",
+                     headers={**bearer, "origin": f"http://{host}"})
+    assert own.status_code == 200  # the status page itself, on the gateway's own origin
+    proxied = httpx.delete(table_gateway + "/cache", headers={
+        **bearer, "origin": "https://swapper.example.com",
+        "x-forwarded-host": "swapper.example.com"})
+    assert proxied.status_code == 200  # behind an ingress that forwards the public host
+
+
+def test_an_open_gateway_refuses_other_sites_too(start_gateway: Any, vllm: Any) -> None:
+    gateway = start_gateway({
+        "backends": {"vllm": {"kind": "openai", "base_url": vllm.url}},
+        "models": {"m1": {"backend": "vllm", "served_name": "org/m1"}}})
+    assert httpx.delete(gateway.url + "/cache", headers={"origin": ANOTHER_SITE}
+                        ).status_code == 403
+    assert httpx.delete(gateway.url + "/cache").status_code == 200

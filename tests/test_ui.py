@@ -1,10 +1,15 @@
-"""The status page at /ui: escaped server-rendered HTML, checked in a real headless Chromium."""
+"""The status page at /ui: what it shows (read without scripts, over HTTP), and what a person
+does with it in a real headless Chromium (driven over the DevTools protocol): read it after the
+browser's login prompt, be refused an action without a key, load a model with one, see the
+swap timeline drawn."""
 
 from __future__ import annotations
 
-import shutil
+import base64
+import hashlib
+import re
 import struct
-import subprocess
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -14,58 +19,104 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config.schema import parse_config
-from gateway.fronts.ui import ui_routes
+from tests.browser import Page, chromium
 from tests.emulators import ollama as ollama_emulator
+from tests.servers import wait_until
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (1280, 900)
 HEADER_RGB = (0x1D, 0x23, 0x30)  # the page's dark header
-LOADED_BADGE_RGB = (0xD1, 0xFA, 0xDF)  # the green "loaded" state badge
+OPS, TEAM = "sk-ui-ops", "sk-ui-team"
+MESSAGES = [{"role": "user", "content": "hi"}]
+MODELS = {
+    "alpha": {"path": "ollama:a:7b", "size_gb": 4.0, "aliases": ["gpt-4o-mini"], "ttl": 600},
+    "beta": {"path": "ollama:b:7b", "size_gb": 6.0},
+}
 
 
 @pytest.fixture
 def ollama(start_server: Any) -> Any:
-    return start_server(ollama_emulator.create_app({"a:7b": 4.0}, load_delay=0.05))
+    return start_server(ollama_emulator.create_app({"a:7b": 4.0, "b:7b": 6.0}, load_delay=0.05))
 
 
-def start_with_ui(start_server: Any, ollama_url: str, models: dict[str, Any]) -> Any:
-    """The gateway with /ui mounted, unless gateway.app mounts it already."""
+def start(start_server: Any, ollama_url: str, models: dict[str, Any] | None = None,
+          **config: Any) -> Any:
     app = create_app(parse_config({
+        "swapper": {"memory_budget_gb": 12},
         "backends": {"ollama": {"kind": "ollama", "base_url": ollama_url}},
-        "models": models,
-    }, source="test-config", env={}))
-    if not any(getattr(route, "path", None) == "/ui" for route in app.routes):
-        app.router.routes.extend(ui_routes(app.state.services))
+        "models": models or MODELS,
+        "batching": {"window_ms": 0},
+        **config,
+    }, source="test-config", env={}), progress_every_s=0.2)
     return start_server(app)
 
 
-@pytest.fixture
-def gateway(start_server: Any, ollama: Any) -> Any:
-    return start_with_ui(start_server, ollama.url, {
-        "alpha": {"path": "ollama:a:7b", "size_gb": 4.0, "aliases": ["gpt-4o-mini"]},
-    })
+def keyed(start_server: Any, ollama_url: str) -> Any:
+    return start(start_server, ollama_url, auth={"keys": [
+        {"name": "ops", "key": OPS, "admin": True},
+        {"name": "team", "key": TEAM, "models": ["alpha"]}]})
 
 
-def chat(gateway: Any, model: str) -> None:
-    response = httpx.post(gateway.url + "/v1/chat/completions", timeout=10, json={
-        "model": model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
-    })
-    assert response.status_code == 200, response.text
+def chat(gateway: Any, model: str, key: str | None = None) -> None:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    answer = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=30,
+                        json={"model": model, "messages": MESSAGES})
+    assert answer.status_code == 200, answer.text
 
 
-def test_page_shows_models_and_swaps(gateway: Any) -> None:
-    chat(gateway, "alpha")
-    page = httpx.get(gateway.url + "/ui")
-    assert page.status_code == 200
-    assert page.headers["content-type"].startswith("text/html")
-    assert '<meta http-equiv="refresh"' in page.text
-    for text in ("alpha", "gpt-4o-mini", 'class="state loaded"', "ollama", "<td>load</td>"):
-        assert text in page.text
-    assert "<script" not in page.text and "http://" not in page.text  # no scripts, no assets
+def state_of(gateway: Any, model: str, key: str | None = None) -> str:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{gateway.url}/models/{model}", headers=headers).json()["state"]
+
+
+def cells(page: str, model: str) -> list[str]:
+    """The text of the model's row in the models table."""
+    row = re.search(rf'<tr><td><span class=swatch[^>]*></span>{model}\b.*?</tr>', page)
+    assert row, f"no row for {model}"
+    return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>",
+                                                                    row.group())]
+
+
+# -- what the page shows, read as HTML ----------------------------------------------------------
+
+
+def test_models_swaps_and_timeline_without_scripts(start_server: Any, ollama: Any) -> None:
+    gateway = start(start_server, ollama.url)
+    for model in ("alpha", "beta", "alpha"):
+        chat(gateway, model)
+    answer = httpx.get(gateway.url + "/ui")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    page = answer.text
+    assert '<noscript><meta http-equiv="refresh"' in page  # refreshes without scripts too
+    alpha = cells(page, "alpha")
+    assert alpha[1] == "loaded" and alpha[3] == "ollama" and "(gpt-4o-mini)" in alpha[0]
+    assert re.fullmatch(r"\d+ ms \u00d72", alpha[10]), alpha  # load times in ms, and how many
+    assert re.fullmatch(r"in (9 min \d+ s|10 min)", alpha[9]), alpha  # the ttl countdown
+    assert alpha[6] == "2.0" and alpha[7].endswith(" ms")  # requests/min, TTFT p50
+    assert cells(page, "beta")[1] == "unloaded"
+    swaps = re.findall(r'<span class="state (\w+)">\w+</span></td><td class=num>(\d+)</td>',
+                       page)
+    assert swaps == [("loaded", "1")] * 3  # one row per swap: its outcome, what it served
+    assert "<td>beta</td><td>alpha</td>" in page  # unloaded beta, loaded alpha
+    timeline = re.search(r"<svg id=timeline.*?</svg>", page, re.S)
+    assert timeline is not None
+    assert len(re.findall(r'class="bar loaded"', timeline.group())) == 3  # alpha twice, beta
+    assert "6.0 GB resident of 12.0 GB" not in page and "4.0 GB resident of 12.0 GB" in page
+
+
+def test_the_page_names_no_other_origin_and_allows_only_its_own_script(
+        start_server: Any, ollama: Any) -> None:
+    gateway = start(start_server, ollama.url)
+    answer = httpx.get(gateway.url + "/ui")
+    assert "http://" not in answer.text and "https://" not in answer.text
+    policy = answer.headers["content-security-policy"]
+    (script,) = re.findall(r"<script>(.*?)</script>", answer.text, re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+    assert "frame-ancestors 'none'" in policy and answer.headers["x-frame-options"] == "DENY"
 
 
 def test_everything_from_config_is_escaped(start_server: Any, ollama: Any) -> None:
-    gateway = start_with_ui(start_server, ollama.url, {
+    gateway = start(start_server, ollama.url, {
         "<img src=x onerror=alert(1)>": {"path": "ollama:a:7b", "aliases": ["<b>bold</b>"]},
     })
     page = httpx.get(gateway.url + "/ui").text
@@ -73,35 +124,133 @@ def test_everything_from_config_is_escaped(start_server: Any, ollama: Any) -> No
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;b&gt;bold&lt;/b&gt;" in page
 
 
-def run_chromium(tmp_path: Path, *args: str) -> str:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}", *args,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+def test_a_failed_load_is_one_line_with_its_retry_time(start_server: Any, ollama: Any) -> None:
+    error = "llama runner process has terminated: CUDA out of memory\n" + "trace line\n" * 200
+    ollama.server.config.app.state.emulator.load_errors["a:7b"] = error
+    gateway = start(start_server, ollama.url)
+    refused = httpx.post(gateway.url + "/v1/chat/completions", timeout=30,
+                         json={"model": "alpha", "messages": MESSAGES})
+    assert refused.status_code == 503
+    page = httpx.get(gateway.url + "/ui").text
+    alpha = cells(page, "alpha")
+    assert re.fullmatch(r"failed retry in \d+(\.\d)? s", alpha[1]), alpha
+    details = re.search(r'<details class=error id="error-alpha"><summary>(.*?)</summary>', page)
+    assert details and "CUDA out of memory" in details.group(1)
+    assert "trace line" not in details.group(1)  # the rest only when opened
+    assert page.count("trace line") <= 2 * 200  # in the row's details, and the swap's
 
 
-def test_chromium_renders_the_page(gateway: Any, tmp_path: Path) -> None:
-    chat(gateway, "alpha")
-    url = gateway.url + "/ui"
-    dom = run_chromium(tmp_path, "--dump-dom", url)
-    assert "alpha" in dom and 'class="state loaded">loaded<' in dom
-    shot = tmp_path / "ui.png"
-    run_chromium(tmp_path, f"--screenshot={shot}", url)
-    width, height, colours = png_colours(shot.read_bytes())
+def test_a_load_shows_its_progress_against_its_timeout(start_server: Any) -> None:
+    slow = start_server(ollama_emulator.create_app({"a:7b": 4.0}, load_delay=3.0))
+    gateway = start(start_server, slow.url, {"alpha": MODELS["alpha"]})
+    waiting = threading.Thread(target=chat, args=(gateway, "alpha"))
+    waiting.start()
+    try:
+        wait_until(lambda: "<progress" in httpx.get(gateway.url + "/ui").text,
+                   message="the load on the page")
+        state = cells(httpx.get(gateway.url + "/ui").text, "alpha")[1]
+        assert re.fullmatch(r"loading\s+\d+ ms of 10 min|loading\s+\d\.\d s of 10 min", state)
+    finally:
+        waiting.join(30)
+
+
+# -- in a browser -------------------------------------------------------------------------------
+
+
+# The notice once an action has its answer ("load alpha…" while it runs).
+ANSWERED = ("(t => /: (done|refused|the gateway did not answer)/.test(t) && t)"
+            "(document.getElementById('notice').textContent)")
+
+
+async def row_state(page: Page, model: str) -> str:
+    return str(await page.evaluate(
+        f"document.querySelector('button[data-model=\"{model}\"]')"
+        ".closest('tr').querySelector('.state').textContent"))
+
+
+async def test_an_admin_loads_a_model_from_the_page(start_server: Any, ollama: Any,
+                                                    tmp_path: Path) -> None:
+    gateway = keyed(start_server, ollama.url)
+    async with chromium(tmp_path / "profile", WINDOW) as page:
+        page.login = ("anyone", OPS)  # what a person types into the browser's prompt
+        await page.open(gateway.url + "/ui")
+        assert await row_state(page, "alpha") == "unloaded"
+        load = "document.querySelector('button[data-action=load][data-model=alpha]').click()"
+
+        await page.evaluate(load)  # no key typed: the remembered login must not act
+        notice = await page.wait_for(ANSWERED)
+        assert "refused (401)" in notice and "Enter an admin key" in notice
+        assert state_of(gateway, "alpha", OPS) == "unloaded"
+
+        await page.evaluate(f"document.getElementById('key').value = '{OPS}';"
+                            "document.querySelector('#keyform button[type=submit]').click()")
+        assert await page.evaluate("sessionStorage.getItem('swapper-gateway.key')") == OPS
+        await page.evaluate(load)
+        assert (await page.wait_for(ANSWERED)).endswith("load alpha: done")
+        await page.wait_for("document.querySelector('button[data-model=alpha]').closest('tr')"
+                            ".querySelector('.state').textContent === 'loaded'")
+        assert state_of(gateway, "alpha", OPS) == "loaded"
+        # Wide enough to count: the page redraws every few seconds, the residency grows.
+        await page.wait_for("(b => b && b.getBoundingClientRect().width >= 30)(document"
+                            ".querySelector('#timeline .bar.loaded'))", within_s=30)
+        shot = png_pixels(await page.screenshot())
+        box = await page.evaluate("(() => { const r = document.getElementById('timeline')"
+                                  ".getBoundingClientRect(); return [r.left, r.top, r.right, "
+                                  "r.bottom]; })()")
+        colour = await page.evaluate("getComputedStyle(document.querySelector("
+                                     "'button[data-model=alpha]').closest('tr')"
+                                     ".querySelector('.swatch')).backgroundColor")
+        assert not page.console, list(page.console)
+    width, height, pixels = shot
     assert (width, height) == WINDOW
-    assert len(colours) > 50, "the screenshot is blank or nearly so"
-    assert HEADER_RGB in colours and LOADED_BADGE_RGB in colours, "the page's CSS did not apply"
+    assert len(set(pixels.values())) > 50, "the screenshot is blank or nearly so"
+    assert HEADER_RGB in set(pixels.values()), "the page's style did not apply"
+    alpha = tuple(int(v) for v in re.findall(r"\d+", colour)[:3])
+    drawn = [xy for xy, rgb in pixels.items() if rgb == alpha and inside(xy, box)]
+    assert len(drawn) >= 20 * 14, f"alpha's residency is not drawn ({len(drawn)} px)"
 
 
-def png_colours(data: bytes) -> tuple[int, int, set[tuple[int, ...]]]:
-    """Width, height and the distinct RGB colours of an 8-bit RGB or RGBA PNG (stdlib only)."""
+async def test_without_an_admin_key_the_page_is_read_only(start_server: Any, ollama: Any,
+                                                          tmp_path: Path) -> None:
+    gateway = keyed(start_server, ollama.url)
+    chat(gateway, "beta", OPS)
+    async with chromium(tmp_path / "profile", WINDOW) as page:
+        page.login = ("anyone", TEAM)
+        await page.open(gateway.url + "/ui")
+        text = await page.evaluate("document.getElementById('live').innerText")
+        assert "alpha" in text and "beta" not in text  # its models only
+        assert await page.evaluate("document.querySelectorAll('button[data-action]').length"
+                                   " - document.querySelectorAll('[hidden]"
+                                   "[data-action]').length") == 0
+
+        page.login = None  # the prompt cancelled, on an origin the browser has no login for
+        await page.open(gateway.url.replace("127.0.0.1", "localhost") + "/ui")
+        refused = await page.evaluate("document.body.innerText")
+        assert '"code":"missing_api_key"' in refused and "alpha" not in refused
+
+
+async def test_the_page_reads_in_a_browser_without_scripts(start_server: Any, ollama: Any,
+                                                           tmp_path: Path) -> None:
+    gateway = start(start_server, ollama.url)
+    chat(gateway, "alpha")
+    async with chromium(tmp_path / "profile", WINDOW) as page:
+        await page.open(gateway.url + "/ui", scripts=False)
+        text = await page.evaluate("document.body.innerText")
+        assert "alpha" in text and "loaded" in text and "Swap timeline" in text
+        visible = await page.evaluate("[...document.querySelectorAll('button')]"
+                                      ".filter(b => b.offsetParent !== null).length")
+        assert visible == 0  # actions need the script: without it none is offered
+
+
+# -- screenshots --------------------------------------------------------------------------------
+
+
+def inside(xy: tuple[int, int], box: list[float]) -> bool:
+    return box[0] <= xy[0] < box[2] and box[1] <= xy[1] < box[3]
+
+
+def png_pixels(data: bytes) -> tuple[int, int, dict[tuple[int, int], tuple[int, ...]]]:
+    """Width, height and every pixel's RGB of an 8-bit RGB or RGBA PNG (stdlib only)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     chunks, offset = {}, 8
     while offset < len(data):
@@ -112,10 +261,9 @@ def png_colours(data: bytes) -> tuple[int, int, set[tuple[int, ...]]]:
     assert depth == 8 and colour_type in (2, 6), f"unexpected PNG format {depth}/{colour_type}"
     channels = 3 if colour_type == 2 else 4
     rows = unfilter(zlib.decompress(chunks[b"IDAT"]), width * channels, height, channels)
-    colours = {
-        tuple(row[x:x + 3]) for row in rows for x in range(0, len(row), channels)
-    }
-    return width, height, colours
+    pixels = {(x // channels, y): tuple(row[x:x + 3]) for y, row in enumerate(rows)
+              for x in range(0, len(row), channels)}
+    return width, height, pixels
 
 
 def unfilter(raw: bytes, stride: int, height: int, bpp: int) -> list[bytes]:

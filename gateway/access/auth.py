@@ -3,10 +3,16 @@
 One rule for who sees what (the table is docs/access.md): no keys configured, the gateway is open
 (a warning at start). Keys configured: the probes (/health, /ready) and the Prometheus scrape need
 no key; every other route needs `Authorization: Bearer KEY` or `x-api-key: KEY` (or, for a
-browser on /ui, the key as a Basic password); admin routes need a key marked `admin`. A caller
-sees only the models its key may use (`Access.may_see`): any other answers 404 like an unknown
-one. Keys are compared by digest in constant time and never logged; the key's name is the tenant
-everywhere (logs, cache scope, metrics).
+browser reading /ui, the key as a Basic password); admin routes need a key marked `admin`. A
+caller sees only the models its key may use (`Access.may_see`): any other answers 404 like an
+unknown one. Keys are compared by digest in constant time and never logged; the key's name is the
+tenant everywhere (logs, cache scope, metrics).
+
+Cross-site requests never act. A browser sends cached Basic credentials by itself, even on a
+request another site's page makes, so Basic counts only for reading /ui; and an admin route
+refuses a request whose `Origin` names another site (open gateway included), which a browser
+always sends on a cross-site POST or DELETE. The status page's actions send the key typed into
+the page in an `Authorization` header from the page's own origin.
 """
 
 from __future__ import annotations
@@ -45,8 +51,32 @@ def is_admin_route(method: str, path: str) -> bool:
         (method == "POST" and path.startswith("/models/") and path.endswith(("/load", "/unload")))
         or (method == "DELETE" and path == "/cache")
         or (method == "POST" and path.startswith("/admin/"))
-        or path == "/ui"  # it shows every model, its errors and the decisions
     )
+
+
+def reads_the_page(method: str, path: str) -> bool:
+    """The one request a Basic password may authenticate: a browser reading the status page."""
+    return method in ("GET", "HEAD") and path == "/ui"
+
+
+def cross_site(headers: Mapping[str, str]) -> bool:
+    """A browser request made by another site's page: its `Origin` is not this gateway's own
+    host (as the client addressed it, or as a proxy in front forwarded it). No `Origin`: not a
+    browser's cross-site request (curl, SDKs, same-origin GETs)."""
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    _, _, netloc = origin.partition("://")
+    if not netloc:
+        return True  # "null": a sandboxed frame, a file:// page
+    hosts = {headers.get("host", "")}
+    hosts.update(h.strip() for h in headers.get("x-forwarded-host", "").split(",") if h.strip())
+    return netloc.lower() not in {h.lower() for h in hosts}
+
+
+def _refuse_cross_site() -> GatewayError:
+    return GatewayError(403, "Admin actions are refused from another site's page (its Origin "
+                        "is not this gateway).", code="cross_origin")
 
 
 def _digest(secret: str) -> bytes:
@@ -167,10 +197,11 @@ class KeyRing:
             digest=_digest(key.secret),
         )
 
-    def identify(self, headers: Mapping[str, str], challenge: bool = False) -> Tenant:
-        """The presented key's tenant, or 401 (with a Basic challenge for a browser)."""
-        presented = _presented_key(headers)
-        extra = _REALM if challenge else None
+    def identify(self, headers: Mapping[str, str], page: bool = False) -> Tenant:
+        """The presented key's tenant, or 401. `page`: a browser reading /ui, which may send
+        the key as a Basic password and is asked for it (a Basic challenge)."""
+        presented = _presented_key(headers, basic=page)
+        extra = _REALM if page else None
         if presented is None:
             raise GatewayError(401, "You didn't provide an API key. Send it as "
                                "'Authorization: Bearer KEY'.", code="missing_api_key",
@@ -194,13 +225,14 @@ class KeyRing:
         return self.find(presented) if presented is not None else None
 
 
-def _presented_key(headers: Mapping[str, str]) -> str | None:
+def _presented_key(headers: Mapping[str, str], basic: bool = False) -> str | None:
+    """`basic`: a Basic password counts as the key (see the module's note on cross-site)."""
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     if scheme.lower() == "basic" and token.strip():
-        return _basic_password(token.strip())
+        return _basic_password(token.strip()) if basic else None
     return headers.get("x-api-key") or None
 
 
@@ -226,12 +258,17 @@ class AuthMiddleware:
             return
         keys = self.keyring()
         state = scope.setdefault("state", {})
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method, path = scope["method"], scope["path"]
+        if is_admin_route(method, path) and cross_site(headers):
+            error = _refuse_cross_site()
+            state["error"] = error.code
+            await error.response()(scope, receive, send)
+            return
         if keys.open:
             state["access"] = Access(None, open=True)
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method, path = scope["method"], scope["path"]
         if is_public(method, path, headers):
             tenant = keys.optional(headers)  # no limits counted: probes and scrapes are free
             state["access"] = Access(tenant)
@@ -240,7 +277,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            tenant = keys.identify(headers, challenge=path == "/ui")
+            tenant = keys.identify(headers, page=reads_the_page(method, path))
             if is_admin_route(method, path) and not tenant.config.admin:
                 raise GatewayError(403, "This endpoint needs an admin key.", code="admin_only")
             await tenant.admit()

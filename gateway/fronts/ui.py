@@ -1,15 +1,20 @@
-"""The status page at `/ui`: one server-rendered HTML page that refreshes itself.
+"""The status page at `/ui`: `/status` for people, server-rendered, with actions for admins.
 
-No build step, no scripts, no external assets: a `<meta http-equiv="refresh">` reloads it, and
-every value that came from config or a backend is escaped before it reaches the page.
+    header   version, mode, the key field (for actions), reload-config
+    cards    resident, queued, in flight, requests/min, cache
+    nodes    a memory bar each: resident against budget, measured against configured
+    timeline which route was resident when, per node, last 30 min (SVG, `ui_svg`)
+    models   state, load progress, last use, ttl, rates, backend health, load times, errors
+    swaps    one row per swap: what went out and in, why, waiting, how long, outcome, served
+
+Who sees what is docs/access.md's rule: a key sees its own models, an admin key acts. The data
+comes from one place (`ui_view.page_view`), every value from config or a backend is escaped, and
+the page makes no external request (`ui_assets`: its style, its script, its CSP).
 """
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from html import escape
 
 from starlette.requests import Request
@@ -17,165 +22,327 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.residency.scheduler import Decision, Slot
+from gateway.access.auth import access_of
+from gateway.fronts.ui_assets import CONTENT_SECURITY_POLICY, CSS, REFRESH_S, SCRIPT
+from gateway.fronts.ui_format import (
+    BLANK,
+    ago,
+    clock,
+    duration,
+    gigabytes,
+    load_time,
+    within,
+    zone,
+)
+from gateway.fronts.ui_recent import RecentRequests, Residencies
+from gateway.fronts.ui_svg import colour_of, timeline_svg
+from gateway.fronts.ui_view import NodeRow, PageView, RouteRow, SwapRow, page_view
 from gateway.services import Services
 from policies.types import State
 
-REFRESH_S = 5
-_DECISIONS_SHOWN = 15
-_NUMERIC = frozenset({"Size GB", "Queue", "In flight", "Last load", "Uptime", "Requests",
-                      "Waiting"})  # right-aligned columns
-_BLANK = "\u2013"  # an en dash where there is no value yet
-
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
-  background:#f5f6f8;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:14px 28px;display:flex;align-items:baseline;gap:16px}
-header h1{font-size:19px;margin:0;font-weight:600}
-header span{color:#aab3c5;font-size:13px}
-main{padding:20px 28px;max-width:1280px}
-.cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:20px}
-.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px 16px;min-width:130px}
-.card b{display:block;font-size:20px;font-weight:600}
-.card small{color:#667085;text-transform:uppercase;letter-spacing:.04em;font-size:11px}
-h2{font-size:15px;margin:22px 0 8px}
-table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #dde1e8}
-th,td{padding:7px 12px;text-align:left;border-bottom:1px solid #eceef2;white-space:nowrap}
-th{background:#fafbfc;color:#667085;font-weight:600;font-size:12px}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.error{color:#b42318;white-space:normal;max-width:320px}
-.alias{color:#667085;font-size:12px}
-.state{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600}
-.loaded{background:#d1fadf;color:#05603a}
-.loading,.unloading{background:#fef0c7;color:#93370d}
-.unloaded{background:#eaecf0;color:#475467}
-.failed{background:#fee4e2;color:#b42318}
-.empty{color:#667085;padding:12px}
-footer{color:#98a2b3;font-size:12px;padding:8px 28px 20px}
-"""
+_NUMERIC = frozenset({"Queue", "In flight", "Req/min", "TTFT p50", "Last load", "Memory",
+                      "Waiting", "Took", "Served"})
+_HEADERS = {"cache-control": "no-store", "content-security-policy": CONTENT_SECURITY_POLICY,
+            "x-frame-options": "DENY", "referrer-policy": "no-referrer",
+            "x-content-type-options": "nosniff"}
 
 
-def ui_routes(services: Services) -> list[Route]:
+class Console:
+    """What the page remembers between views; one per app."""
+
+    def __init__(self) -> None:
+        self.requests = RecentRequests()
+        self.residencies = Residencies()
+
+
+def ui_routes(services: Services, console: Console | None = None) -> list[Route]:
+    console = console or Console()
+
     async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(_render(services, time.time()),
-                            headers={"cache-control": "no-store"})
+        view = page_view(services, access_of(request.scope), console.requests,
+                         console.residencies)
+        return HTMLResponse(render(view), headers=_HEADERS)
 
     return [Route("/ui", page, methods=["GET"])]
 
 
-def _render(services: Services, wall: float) -> str:
-    scheduler = services.scheduler
-    now = scheduler.clock()
-    slots = list(scheduler.slots.values())
-    body = "".join((
-        _summary(services, slots),
-        "<h2>Models</h2>",
-        _table(("Model", "State", "Backend", "Size GB", "Queue", "In flight", "Last load",
-                "Uptime", "Requests", "Error"),
-               (_model_row(slot, now) for slot in slots), "No models configured."),
-        "<h2>Recent swap decisions</h2>",
-        _table(("Time (UTC)", "Action", "Model", "Waiting", "Reason"),
-               (_decision_row(d) for d in list(reversed(scheduler.decisions))[:_DECISIONS_SHOWN]),
-               "No swaps yet."),
+def render(view: PageView) -> str:
+    colours = {route.status.name: colour_of(i) for i, route in enumerate(view.routes)}
+    live = "".join((
+        _cards(view),
+        "<h2>Nodes</h2>", _nodes(view, colours),
+        f"<h2>Swap timeline <small>last {duration(view.timeline_s)} \u00b7 resident: the "
+        "model's colour, loading: striped, a failed load: red</small></h2>",
+        _timeline(view, colours),
+        "<h2>Models</h2>", _models(view, colours),
+        "<h2>Swaps <small>newest first</small></h2>", _swaps(view),
     ))
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f'<meta http-equiv="refresh" content="{REFRESH_S}">'
+        f'<noscript><meta http-equiv="refresh" content="{REFRESH_S}"></noscript>'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>Swapper Gateway</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>Swapper Gateway</h1><span>v{escape(__version__)} · "
-        f"{escape(services.config.swapper.mode)}</span></header>"
-        f"<main>{body}</main>"
-        f"<footer>Updated {_clock(wall)} UTC · refreshes every {REFRESH_S} s</footer>"
-        "</body></html>"
+        f"<title>Swapper Gateway</title><style>{CSS}</style></head><body>"
+        f"{_header(view)}<output id=notice role=status></output>"
+        f'<main id=live data-admin="{str(view.admin).lower()}">{live}'
+        f"<footer>Updated {clock(view.at)}, times in {escape(zone(view.at))} \u00b7 "
+        f"refreshes every {REFRESH_S} s</footer></main>"
+        f"<script>{SCRIPT}</script></body></html>"
     )
 
 
-def _summary(services: Services, slots: Sequence[Slot]) -> str:
-    loaded = [s for s in slots if s.residency.state is State.LOADED]
-    resident_gb = sum(s.model.size_gb for s in loaded if s.managed)
-    budget = services.config.swapper.memory_budget_gb
+def _header(view: PageView) -> str:
+    hidden = "" if view.admin else " hidden"
+    # An open gateway has no key to type: its page acts without one (docs/access.md).
+    no_key = " hidden" if view.open else ""
+    note = "<span class=keystate>open gateway: no key needed</span>" if view.open else ""
+    return (
+        f"<header><h1>Swapper Gateway</h1><span class=meta>v{escape(__version__)} \u00b7 "
+        f"{escape(view.mode)}</span>"
+        f"<form id=keyform class=js-only autocomplete=off>{note}"
+        f'<input id=key type=password placeholder="admin key (this tab only)" '
+        f'aria-label="admin key, kept for this tab only"{no_key}>'
+        f"<button type=submit{no_key}>Use key</button>"
+        f"<button type=button id=forget{no_key}>Forget</button>"
+        "<span id=keystate class=keystate></span>"
+        f'<button type=button class=js-only data-admin-only data-action=reload{hidden}>'
+        "Reload config</button></form></header>"
+    )
+
+
+# -- cards and nodes ----------------------------------------------------------------------------
+
+
+def _cards(view: PageView) -> str:
+    models = view.models
+    loaded = [r for r in view.routes if r.status.state is State.LOADED]
+    down = sorted({r.status.backend for r in view.routes if not r.backend_up})
+    cache = view.cache
     cards = {
-        "Loaded": f"{len(loaded)} / {len(slots)}",
-        "Resident GB": f"{resident_gb:g}" + (f" / {budget:g}" if budget is not None else ""),
-        "Queued": str(sum(len(s.queue) for s in slots)),
-        "In flight": str(sum(s.in_flight for s in slots)),
-        "Requests": str(sum(s.request_count for s in slots)),
-        "Cache hit rate": _hit_rate(services.cache.outcomes),
-        "Cache": _cache_kind(services),
+        "Resident": f"{len(loaded)} of {len(view.routes)}",
+        "Queued": str(sum(r.status.queue for r in view.routes)),
+        "In flight": str(sum(r.status.in_flight for r in view.routes)),
+        "Requests/min": f"{sum(r.per_minute for r in models):.1f}",
+        "Cache hit rate": (f"{100 * cache.hits / cache.lookups:.0f}% of {cache.lookups}"
+                           if cache.lookups else BLANK),
+        "Cache": cache.kind,
+        "Backends down": ", ".join(down) if down else "none",
     }
     return '<div class="cards">' + "".join(
         f"<div class=card><small>{escape(label)}</small><b>{escape(value)}</b></div>"
-        for label, value in cards.items()
-    ) + "</div>"
+        for label, value in cards.items()) + "</div>"
 
 
-def _hit_rate(outcomes: Counter[str]) -> str:
-    lookups = outcomes["HIT"] + outcomes["MISS"]
-    return f"{100 * outcomes['HIT'] / lookups:.0f}% of {lookups}" if lookups else _BLANK
+def _nodes(view: PageView, colours: dict[str, str]) -> str:
+    if not view.nodes:
+        return "<p class=empty>No node: no model's residency is managed here.</p>"
+    sizes = {r.status.name: r.status.resident_gb for r in view.routes}
+    return "<div class=nodes>" + "".join(
+        _node(node, sizes, colours) for node in view.nodes) + "</div>"
 
 
-def _cache_kind(services: Services) -> str:
-    if not services.config.cache.enabled:
-        return "off"
-    if services.config.cache.redis_url is None:
-        return "memory"
-    # Only the kind: the URL may carry a password.
-    return "redis" if services.cache.store.healthy else "redis (down)"
+def _node(node: NodeRow, sizes: dict[str, float], colours: dict[str, str]) -> str:
+    limit = f"max {node.max_models} model{'s' * (node.max_models != 1)}" \
+        if node.max_models is not None else "no model limit"
+    swapping = " \u00b7 swapping\u2026" if node.swapping else ""
+    return (f"<div class=node data-node=\"{escape(node.name)}\"><div class=head>"
+            f"<b>{escape(node.name)}</b><span>{escape(node.mode)} \u00b7 {limit}{swapping}"
+            f"</span></div>{_memory_bar(node, sizes, colours)}"
+            f"<small>{escape(_memory_text(node))}</small></div>")
 
 
-def _model_row(slot: Slot, now: float) -> list[str]:
-    r, model = slot.residency, slot.model
-    name = escape(model.name)
-    if model.aliases:
-        name += f' <span class=alias>({escape(", ".join(model.aliases))})</span>'
+def _memory_bar(node: NodeRow, sizes: dict[str, float], colours: dict[str, str]) -> str:
+    scale = node.budget_gb or max(node.resident_gb, node.configured_gb) or 1.0
+    shown = sum(sizes.get(name, 0.0) for name in node.resident)
+    segments = [(name, sizes.get(name, 0.0), colours.get(name, "#98a2b3"))
+                for name in node.resident]
+    parts = [f'<span class=seg style="width:{100 * gb / scale:.2f}%;background:{colour}" '
+             f'title="{escape(name)}: {gigabytes(gb)}"></span>' for name, gb, colour in segments]
+    if node.resident_gb - shown > 0.01:  # routes this caller may not see
+        parts.append(f'<span class="seg other" style="width:'
+                     f'{100 * (node.resident_gb - shown) / scale:.2f}%" title="other models">'
+                     "</span>")
+    if node.measured_gb is not None and node.budget_gb:
+        parts.append(f'<span class=configured style="left:'
+                     f'{min(100.0, 100 * node.configured_gb / scale):.2f}%" '
+                     f'title="configured: {gigabytes(node.configured_gb)}"></span>')
+    over = " over" if node.budget_gb and node.resident_gb > node.budget_gb else ""
+    return f'<div class="membar{over}">{"".join(parts)}</div>'
+
+
+def _memory_text(node: NodeRow) -> str:
+    budget = f"of {gigabytes(node.budget_gb)}" if node.budget_gb else "(no memory budget)"
+    text = f"{gigabytes(node.resident_gb)} resident {budget}"
+    if node.measured_gb is not None:
+        text += (f" \u00b7 measured {gigabytes(node.measured_gb)}, configured "
+                 f"{gigabytes(node.configured_gb)}")
+    if node.free_gb is not None:
+        text += f" \u00b7 {gigabytes(node.free_gb)} free on the GPU"
+    return text
+
+
+def _timeline(view: PageView, colours: dict[str, str]) -> str:
+    lanes = [(node.name, [r.status.name for r in view.routes
+                          if r.status.managed and r.status.node == node.name])
+             for node in view.nodes]
+    lanes = [(node, routes) for node, routes in lanes if routes]
+    if not lanes:
+        return "<p class=empty>No model whose residency the gateway manages.</p>"
+    svg = timeline_svg(lanes, view.spans, colours, view.at, view.timeline_s)
+    return f"<div class=timeline>{svg}</div>"
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def _models(view: PageView, colours: dict[str, str]) -> str:
+    headers = ["Model", "State", "Node", "Backend", "Queue", "In flight", "Req/min", "TTFT p50",
+               "Last used", "Idle unload", "Last load", "Memory", "Error"]
+    if view.admin:
+        headers.append("Actions")
+    rows = [_model_row(route, view, colours) for route in view.routes]
+    return _table(headers, rows, "No models configured.", row_classes=[
+        "route" if route.fallback else "" for route in view.routes])
+
+
+def _model_row(route: RouteRow, view: PageView, colours: dict[str, str]) -> list[str]:
+    m, now = route.status, view.at
+    name = (f'<span class=swatch style="background:{colours[m.name]}"></span>'
+            f"{escape(m.name)}")
+    if route.aliases:
+        name += f' <span class=alias>({escape(", ".join(route.aliases))})</span>'
+    cells = [
+        _td(name), _td(_state(route, now)), _td(escape(m.node)), _td(_backend(route)),
+        _num(str(m.queue)), _num(str(m.in_flight)),
+        _num(f"{route.per_minute:.1f}" if not route.fallback else BLANK),
+        _num(load_time(route.ttft_p50_ms / 1000) if route.ttft_p50_ms is not None else BLANK),
+        _td(escape(ago(m.last_used, now))), _td(escape(_idle_unload(route, now))),
+        _num(load_time(m.last_load_s) + (f" <span class=sub>\u00d7{m.load_count}</span>"
+                                          if m.load_count else "")),
+        _num(escape(_memory(route))), _td(_error(m.name, m.error)),
+    ]
+    if view.admin:
+        cells.append(_td(_actions(route), "actions"))
+    return cells
+
+
+def _state(route: RouteRow, now: float) -> str:
+    m = route.status
+    badge = f'<span class="state {m.state.value}">{m.state.value}</span>'
+    if m.state is State.LOADING and m.load_elapsed_s is not None and m.load_timeout_s:
+        return (f'{badge} <progress max="{m.load_timeout_s:g}" value="{m.load_elapsed_s:.1f}">'
+                f"</progress> <span class=sub>{duration(m.load_elapsed_s)} of "
+                f"{duration(m.load_timeout_s)}</span>")
+    if m.state is State.FAILED:
+        if not m.retryable:
+            return f"{badge} <span class=sub>not retried: fix it, then reload</span>"
+        retry = "retried on the next request" if not m.load_blocked \
+            else f"retry {within(m.retry_at, now)}"
+        return f"{badge} <span class=sub>{escape(retry)}</span>"
+    if m.admission != "open" and m.state is State.LOADED:
+        return f"{badge} <span class=sub>{escape(m.admission)}</span>"
+    return badge
+
+
+def _backend(route: RouteRow) -> str:
+    m = route.status
+    health = "up" if route.backend_up else "down"
+    text = (f'<span class="dot {health}" title="backend {health}"></span>{escape(m.backend)}')
+    if not m.managed:
+        text += " <span class=sub>always on</span>"
+    if route.serving and (route.fallback or not route.backend_up):
+        text += " <span class=sub>serving</span>"
+    return text
+
+
+def _idle_unload(route: RouteRow, now: float) -> str:
+    m = route.status
+    if m.ttl_expires_at is not None:
+        return within(m.ttl_expires_at, now)
+    if m.view.ttl_s and m.state is State.LOADED:
+        return f"after {duration(m.view.ttl_s)} idle"
+    return BLANK if not m.view.ttl_s else f"ttl {duration(m.view.ttl_s)}"
+
+
+def _memory(route: RouteRow) -> str:
+    m = route.status
+    if m.measured_gb is not None:
+        return f"{gigabytes(m.measured_gb)} measured ({gigabytes(m.size_gb)} configured)"
+    return gigabytes(m.size_gb) if m.size_gb else BLANK
+
+
+def _error(name: str, error: str | None) -> str:
+    """One line, the rest behind a click: a backend's error can be pages long."""
+    if not error:
+        return ""
+    first = error.strip().splitlines()[0] if error.strip() else error
+    return (f'<details class=error id="error-{escape(name)}"><summary>{escape(first[:120])}'
+            f"</summary><pre>{escape(error)}</pre></details>")
+
+
+def _actions(route: RouteRow) -> str:
+    if route.fallback:
+        return ""  # a fallback route is loaded and unloaded as its model's route
+    m, model = route.status, escape(route.status.name)
+    buttons = []
+    if m.managed:
+        busy = m.state in (State.LOADING, State.UNLOADING)
+        buttons.append(_button("load", model, "Load", busy or m.state is State.LOADED))
+        buttons.append(_button("unload", model, "Unload", m.state is not State.LOADED))
+    buttons.append(_button("purge", model, "Purge cache", False))
+    return "".join(buttons)
+
+
+def _button(action: str, model: str, label: str, disabled: bool) -> str:
+    off = " disabled" if disabled else ""
+    return (f'<button type=button class=js-only data-action={action} data-model="{model}"'
+            f"{off}>{label}</button>")
+
+
+# -- swaps --------------------------------------------------------------------------------------
+
+
+def _swaps(view: PageView) -> str:
+    headers = ["Time", "Node", "Unloaded", "Loaded", "Why", "Waiting", "Took", "Outcome",
+               "Served"]
+    return _table(headers, [_swap_row(swap, view.at) for swap in view.swaps], "No swaps yet.")
+
+
+def _swap_row(swap: SwapRow, now: float) -> list[str]:
+    took = load_time(swap.took_s)
+    if swap.load_s is not None and swap.unloaded:
+        took += f" <span class=sub>(load {load_time(swap.load_s)})</span>"
+    outcome = (f'<span class="state {swap.outcome.replace(" ", "-")}">'
+               f"{escape(swap.outcome)}</span>")
+    if swap.error:
+        outcome += _error(f"swap-{swap.at}-{swap.loaded}", swap.error)
     return [
-        _td(name),
-        _td(f'<span class="state {escape(r.state.value)}">{escape(r.state.value)}</span>'),
-        _td(escape(model.backend)),
-        _num(f"{model.size_gb:g}"),
-        _num(str(len(slot.queue))),
-        _num(str(slot.in_flight)),
-        _num(_duration(r.last_load_s)),
-        _num(_duration(r.uptime_s(now) or None)),
-        _num(str(slot.request_count)),
-        _td(escape(r.error or ""), "error"),
+        _td(f"{clock(swap.at)} <span class=sub>{escape(ago(swap.at, now))}</span>"),
+        _td(escape(swap.node)), _td(escape(", ".join(swap.unloaded)) or BLANK),
+        _td(escape(swap.loaded or BLANK)), _td(escape(swap.reason)), _num(str(swap.waiting)),
+        _num(took), _td(outcome),
+        _num(str(swap.served) if swap.served is not None else BLANK),
     ]
 
 
-def _decision_row(decision: Decision) -> list[str]:
-    return [_td(_clock(decision.at)), _td(escape(decision.action)), _td(escape(decision.model)),
-            _num(str(decision.waiting)), _td(escape(decision.reason))]
+# -- tables -------------------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[str], rows: Iterable[list[str]], empty: str) -> str:
+def _table(headers: Sequence[str], rows: Iterable[list[str]], empty: str,
+           row_classes: Sequence[str] = ()) -> str:
     """A table of rows of `<td>` cells, or one line saying there is nothing to show."""
-    rendered = "".join(f"<tr>{''.join(row)}</tr>" for row in rows)
+    rendered = []
+    for i, row in enumerate(rows):
+        css = row_classes[i] if i < len(row_classes) else ""
+        rendered.append(f"<tr{f' class={css}' if css else ''}>{''.join(row)}</tr>")
     if not rendered:
         return f"<table><tr><td class=empty>{escape(empty)}</td></tr></table>"
     head = "".join(f"<th{' class=num' if h in _NUMERIC else ''}>{escape(h)}</th>" for h in headers)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rendered}</tbody></table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rendered)}</tbody></table>"
 
 
 def _td(html: str, css_class: str = "") -> str:
     return f"<td class={css_class}>{html}</td>" if css_class else f"<td>{html}</td>"
 
 
-def _num(text: str) -> str:
-    return _td(escape(text), "num")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return _BLANK
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-def _clock(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _num(html: str) -> str:
+    return _td(html, "num")
