@@ -1,4 +1,4 @@
-"""`swapper-gateway serve | check-config | reload | demo`."""
+"""`swapper-gateway serve | check-config | reload | status | demo`."""
 
 from __future__ import annotations
 
@@ -290,6 +290,102 @@ def reload(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- status ---------------------------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace) -> int:
+    """A running gateway's /status as terminal tables: nodes, then models (for SSH, no browser)."""
+    headers = {"authorization": f"Bearer {args.key}"} if args.key else {}
+    base = args.url.rstrip("/")
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            answers = [client.get("/status"), client.get("/models")]
+    except httpx.HTTPError as exc:
+        _err(f"cannot reach {args.url}: {exc} (is the gateway running? see --url)")
+        return 1
+    for answer in answers:
+        if answer.status_code != 200:
+            message = _error_message(answer)
+            _err(f"status refused ({answer.status_code}): {message} (see --key)")
+            return 1
+    print("\n".join(status_lines(base, answers[0].json(), answers[1].json()["models"])))
+    return 0
+
+
+def _error_message(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return answer.text[:200]
+
+
+def status_lines(url: str, state: dict[str, Any], described: list[dict[str, Any]]) -> list[str]:
+    """`state`: the /status answer; `described`: /models' list (sizes, counts, load times)."""
+    models = state["models"]
+    heading = (f"Swapper Gateway at {url}: {state['mode']}, {len(state['loaded_models'])} of "
+               f"{state['total_models']} models loaded, "
+               f"{sum(m['queue_depth'] for m in models.values())} queued")
+    nodes = [[name, node["mode"], ", ".join(node["resident_models"]) or "-", _memory(node),
+              "yes" if node["swapping"] else "no"] for name, node in state["nodes"].items()]
+    rows = []
+    for model in described:
+        live = models[model["name"]]
+        rows.append([model["name"], live["state"], live["node"], _serving(live),
+                     str(live["queue_depth"]), str(live["in_flight"]),
+                     str(model["request_count"]), _load_ms(model["last_load_seconds"]),
+                     _size(model["size_gb"], live["measured_gb"]), _one_line(live["error"])])
+    return [heading, "",
+            *_columns(["NODE", "MODE", "RESIDENT", "MEMORY", "SWAPPING"], nodes), "",
+            *_columns(["MODEL", "STATE", "NODE", "BACKEND", "QUEUE", "IN FLIGHT", "REQUESTS",
+                       "LAST LOAD", "SIZE", "ERROR"], rows)]
+
+
+def _memory(node: dict[str, Any]) -> str:
+    used = f"{node['resident_gb']:g} GB"
+    if node["memory_budget_gb"] is not None:
+        used += f" of {node['memory_budget_gb']:g} GB"
+    if node["measured_gb"] is not None:
+        used += f" (measured {node['measured_gb']:g} GB)"
+    return used
+
+
+def _serving(live: dict[str, Any]) -> str:
+    serving = live["serving_backend"]
+    return serving if serving == live["backend"] else f"{serving} (fallback)"
+
+
+def _load_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f} ms"
+
+
+def _size(size_gb: float, measured_gb: float | None) -> str:
+    size = f"{size_gb:g} GB" if size_gb else "-"
+    return size if measured_gb is None else f"{measured_gb:g} GB measured ({size})"
+
+
+def _one_line(error: str | None, limit: int = 60) -> str:
+    if not error:
+        return ""
+    line = error.strip().splitlines()[0] if error.strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "\u2026"
+
+
+def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; numbers line up on the right."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    numeric = [bool(rows) and all(_numeric(row[i]) for row in rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if right else cell.ljust(w)
+                         for cell, w, right in zip(cells, widths, numeric, strict=True)).rstrip()
+
+    return [line(headers), *(line(row) for row in rows)]
+
+
+def _numeric(cell: str) -> bool:
+    return cell.replace(",", "").replace(" ms", "").replace(".", "").isdigit() or cell == "-"
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     print(f"{config.source}: OK — {len(config.models)} models, {len(config.backends)} backends, "
@@ -342,6 +438,13 @@ def parser() -> argparse.ArgumentParser:
     again.add_argument("--key", default=os.environ.get("SWAPPER_ADMIN_KEY"),
                        help="an admin key (default $SWAPPER_ADMIN_KEY)")
     again.set_defaults(func=reload)
+    show = commands.add_parser("status", help="print a running gateway's nodes and models")
+    show.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                      help="the gateway (default http://127.0.0.1:8890)")
+    show.add_argument("--key", default=os.environ.get("SWAPPER_ADMIN_KEY"),
+                      help="a key: it shows that key's models; an admin key shows all "
+                           "(default $SWAPPER_ADMIN_KEY)")
+    show.set_defaults(func=status)
     demo = commands.add_parser("demo", help="serve tiny llama.cpp models to see swaps happen")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8890)")

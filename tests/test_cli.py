@@ -1,5 +1,5 @@
 """Every CLI command, run as a subprocess the way the README shows it: `swapper-gateway serve`,
-`serve --workers 2`, `check-config`, `reload`, `demo`, `--version`."""
+`serve --workers 2`, `check-config`, `reload`, `status`, `demo`, `--version`."""
 
 from __future__ import annotations
 
@@ -296,6 +296,54 @@ def test_reload_command(gateways: list[Gateway], backend: Any, tmp_path: Path) -
     assert "backends.vllm.kind" in refused.stderr and "did you mean 'openai'?" in refused.stderr
     unreachable = subprocess.run([CLI, "reload", "--url", f"http://127.0.0.1:{free_port()}"],
                                  capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_status_command_prints_nodes_and_models(gateways: list[Gateway], start_server: Any,
+                                                tmp_path: Path) -> None:
+    ollama = start_server(ollama_emulator.create_app({"a:7b": 4.0, "b:7b": 6.0},
+                                                     load_delay=0.05))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "swapper": {"memory_budget_gb": 12},
+        "auth": {"keys": [{"name": "ops", "key": ADMIN, "admin": True},
+                          {"name": "team", "key": "sk-cli-team", "models": ["alpha"]}]},
+        "backends": {"ollama": {"kind": "ollama", "base_url": ollama.url}},
+        "models": {"alpha": {"path": "ollama:a:7b", "size_gb": 4},
+                   "beta": {"path": "ollama:b:7b", "size_gb": 6}},
+    }))
+    gateway = serve(gateways, config).wait_up()
+    answer = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
+        "model": "alpha", "messages": MESSAGES}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 200
+
+    def status(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "SWAPPER_ADMIN_KEY"}
+        return subprocess.run([CLI, "status", *args], capture_output=True, text=True,
+                              timeout=60, env={**env, **({"SWAPPER_ADMIN_KEY": key} if key
+                                                         else {})})
+
+    shown = status("--url", gateway.url, key=ADMIN)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == (f"Swapper Gateway at {gateway.url}: single-active, 1 of 2 models "
+                        "loaded, 0 queued")
+    table = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
+    assert table["NODE"][1:] == ["MODE", "RESIDENT", "MEMORY", "SWAPPING"]
+    assert table["default"] == ["default", "single-active", "alpha", "4", "GB", "of", "12", "GB",
+                                "no"]
+    assert table["alpha"][:8] == ["alpha", "loaded", "default", "ollama", "0", "0", "1",
+                                  table["alpha"][7]]
+    assert table["alpha"][8] == "ms" and table["alpha"][9:] == ["4", "GB"]  # its last load
+    assert table["beta"] == ["beta", "unloaded", "default", "ollama", "0", "0", "0", "-", "6",
+                             "GB"]
+    limited = status("--url", gateway.url, "--key", "sk-cli-team")
+    assert limited.returncode == 0 and "alpha" in limited.stdout
+    assert "beta" not in limited.stdout  # a key sees its own models only
+    refused = status("--url", gateway.url)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("swapper-gateway: status refused (401): ")
+    unreachable = status("--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
 
