@@ -23,7 +23,11 @@ from gateway.config.discovery import discover_ollama_models, discovery_applies, 
 from gateway.config.reload import Loader, file_loader
 from gateway.config.schema import ConfigError, GatewayConfig, load_config
 from gateway.errors import GatewayError
+from gateway.fronts import anthropic, ollama
 from gateway.fronts.admin import AdminApi
+from gateway.fronts.anthropic import AnthropicApi
+from gateway.fronts.errors import FrontErrors
+from gateway.fronts.ollama import OllamaApi
 from gateway.fronts.openai import OpenAIApi
 from gateway.fronts.swapper import SwapperApi
 from gateway.fronts.ui import Console, ui_routes
@@ -127,11 +131,14 @@ def create_app(config: GatewayConfig, services: Services | None = None,
             log.info("gateway.stopped")
 
     app = Starlette(
-        routes=[*OpenAIApi(services).routes(), *SwapperApi(services).routes(),
+        routes=[*AnthropicApi(services).routes(), *OpenAIApi(services).routes(),
+                *OllamaApi(services).routes(), *SwapperApi(services).routes(),
                 *AdminApi(services).routes(), *ui_routes(services, console)],
         middleware=[
             Middleware(AccessLog, observer=_observers(services.metrics.requests.observe,
                                                       console.requests.observe)),
+            Middleware(FrontErrors, fronts=[(ollama.owns, ollama.error_body),
+                                            (anthropic.owns, anthropic.error_body)]),
             Middleware(HeaderLimit, max_bytes=lambda: services.config.server.max_header_bytes),
             Middleware(AuthMiddleware, keyring=lambda: services.keys),
         ],

@@ -199,7 +199,7 @@ def test_oversize_body_is_413(gateway: Any) -> None:
 
 
 def test_unknown_endpoint_and_method_are_openai_shaped(gateway: Any) -> None:
-    missing = httpx.post(gateway.url + "/v1/images/generations", json={})
+    missing = httpx.post(gateway.url + "/v1/fine_tuning/jobs", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_endpoint"
     wrong = httpx.get(gateway.url + "/v1/chat/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()

@@ -831,6 +831,51 @@ async def _transcribe(request: Request) -> Response:
     return JSONResponse({"text": text})
 
 
+def anthropic_prompt(body: dict[str, Any]) -> str:
+    """The text of a Messages request: its system prompt and each message's text blocks."""
+    system = body.get("system")
+    lines = [f"system: {message_text(system)}"] if system else []
+    for message in body.get("messages") or []:
+        if isinstance(message, dict):
+            lines.append(f"{message.get('role')}: {message_text(message.get('content'))}")
+    return "\n".join(lines)
+
+
+def anthropic_event(payload: dict[str, Any]) -> bytes:
+    return b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _messages_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    """Anthropic's Messages API, as vLLM and llama.cpp serve it at /v1/messages (text only)."""
+    reply = plan_text(model, anthropic_prompt(body), tokens=state.tokens,
+                      max_tokens=body.get("max_tokens"))
+    stop = "end_turn" if reply.finish_reason == "stop" else "max_tokens"
+    usage = {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}
+    message = {"id": _random_id("msg_"), "type": "message", "role": "assistant", "model": model,
+               "content": [{"type": "text", "text": reply.text}], "stop_reason": stop,
+               "stop_sequence": None, "usage": usage}
+    if not body.get("stream"):
+        return JsonAnswer(message, reply.completion_tokens)
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**usage, "output_tokens": 0}}
+    head = (anthropic_event({"type": "message_start", "message": start}),
+            anthropic_event({"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}}))
+    pieces = tuple(anthropic_event({"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "text_delta", "text": piece}})
+                   for piece in reply.pieces)
+    tail = (anthropic_event({"type": "content_block_stop", "index": 0}),
+            anthropic_event({"type": "message_delta",
+                             "delta": {"stop_reason": stop, "stop_sequence": None},
+                             "usage": {"output_tokens": reply.completion_tokens}}),
+            anthropic_event({"type": "message_stop"}))
+    return StreamAnswer(head, pieces, tail)
+
+
+def _count_tokens_answer(state: EmulatorState, model: str, body: dict[str, Any]) -> Answer:
+    return JsonAnswer({"input_tokens": count_tokens(anthropic_prompt(body))}, 0)
+
+
 Renderer = Callable[[EmulatorState, str, dict[str, Any]], Answer]
 # path -> (renderer, required field, API name in vLLM's "does not support" errors, embedding
 # API? True: only `--runner pooling` models (embedding=True) serve it; None: any model does)
@@ -844,6 +889,8 @@ ENDPOINTS: dict[str, tuple[Renderer, str, str, bool | None]] = {
     "/rerank": (_rerank_answer, "documents", "Rerank API", True),
     "/v2/rerank": (_rerank_answer, "documents", "Rerank API", True),
     "/v1/images/generations": (_image_answer, "prompt", "Images API", None),
+    "/v1/messages": (_messages_answer, "messages", "Messages API", False),
+    "/v1/messages/count_tokens": (_count_tokens_answer, "messages", "Messages API", False),
 }
 
 
