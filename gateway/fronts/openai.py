@@ -57,7 +57,6 @@ class OpenAIApi:
             Route("/v1/completions", self.endpoint("completions"), methods=post),
             Route("/v1/embeddings", self.endpoint("embeddings"), methods=post),
             Route("/v1/responses", self.endpoint("responses"), methods=post),
-            Route("/v1/messages", self.endpoint("messages"), methods=post),
             # llama.cpp, vLLM, Jina and Cohere clients call rerank by each of these paths
             *(Route(path, self.endpoint("rerank"), methods=post)
               for path in ("/v1/rerank", "/rerank", "/v2/rerank")),
