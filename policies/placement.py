@@ -8,11 +8,14 @@ Each route is the model on one backend, on one node. In order:
 2. resident and admitting somewhere: the least busy copy (fewest requests in flight or queued);
 3. already on its way somewhere (loading, or requests queued for it, or draining): there, so
    that one load serves all the requests that want it;
-4. fits beside what a node holds, evicting nothing: the quickest load of those;
-5. else the node where making room costs least: for each victim, the requests it would
-   leave waiting (queued and in flight, times its priority weight) times its reload time, plus
-   one reload (it will be wanted again), plus the newcomer's own load; a node whose victims
-   are inside their minimum residency and still busy comes after every node whose are not.
+4. fits beside what a node holds, evicting nothing: where it would be ready soonest (the node's
+   lane first finishes the load running on it and the loads already queued there, then loads
+   this one: `backlog` plus its own load time);
+5. else the node where making room costs least, in request-seconds: each victim's demand (its
+   queued and in-flight requests, times its priority weight) waits one reload, and one more
+   reload is paid when it is wanted again; the newcomer waits the node's backlog, the time its
+   victims still have of their minimum residency (the node's policy keeps them that long) and
+   its own load.
 
 `place` decides from a snapshot and the time; it has no clock and no I/O.
 """
@@ -69,35 +72,53 @@ def place(routes: Sequence[RouteOption], nodes: Mapping[str, NodeView],
         return Placement(best, f"already placed on {routes[best].node}")
     free = [i for i in usable if _fits_now(routes[i], nodes)]
     if free:
-        best = min(free, key=lambda i: (routes[i].model.load_seconds, i))
+        ready = {i: backlog(nodes[routes[i].node], routes[i].model) + routes[i].model.load_seconds
+                 for i in free}
+        best = min(free, key=lambda i: (ready[i], i))
         return Placement(best, f"fits on {routes[best].node} without eviction")
     costs = {i: eviction_cost(routes[i], nodes[routes[i].node], config, now) for i in usable}
-    best = min(usable, key=lambda i: (*costs[i], i))
-    breaks, cost = costs[best]
-    why = "inside min residency" if breaks else "least eviction cost"
-    return Placement(best, f"{why} on {routes[best].node} ({cost:.0f})", cost)
+    best = min(usable, key=lambda i: (costs[i], i))
+    return Placement(best, f"least eviction cost on {routes[best].node} ({costs[best]:.0f})",
+                     costs[best])
 
 
 def eviction_cost(route: RouteOption, node: NodeView, config: BatchingConfig,
-                  now: float) -> tuple[bool, float]:
-    """(whether room takes victims inside their min residency, the cost of making room and
-    loading there). Infinite when no eviction can make room now (everything is busy moving)."""
+                  now: float) -> float:
+    """What making room on `node` and loading there costs, in request-seconds (see the
+    module's rule 5); infinite when no eviction can make room there now."""
     keep = protected(node.models, config, now)
     victims = choose_victims(route.model, node.models, node.budget, keep)
-    breaks = victims is None
-    if victims is None:
+    if victims is None:  # only by taking models inside their minimum residency
         victims = choose_victims(route.model, node.models, node.budget)
     if victims is None:
-        return True, math.inf
-    lost = sum(_victim_cost(node.models[v]) for v in victims)
-    return breaks, lost + route.model.load_seconds
+        return math.inf
+    held_for = max((_residency_left(node.models[v], config, now) for v in victims if v in keep),
+                   default=0.0)
+    weight = PRIORITY_WEIGHT.get(route.model.priority, 1.0)
+    own = weight * (backlog(node, route.model) + held_for + route.model.load_seconds)
+    return sum(_victim_cost(node.models[v]) for v in victims) + own
+
+
+def backlog(node: NodeView, newcomer: ModelView) -> float:
+    """Seconds of loading the node's lane has ahead of a newcomer: the load running, and a load
+    for each other model queued for there that is not resident."""
+    ahead = [m for m in node.models.values() if m.name != newcomer.name
+             and (m.state is State.LOADING or (m.queued > 0 and not m.resident))]
+    return sum(m.load_seconds for m in ahead)
+
+
+def _residency_left(model: ModelView, config: BatchingConfig, now: float) -> float:
+    loaded_at = model.loaded_at if model.loaded_at is not None else -math.inf
+    return max(0.0, loaded_at + config.min_residency_ms / 1000.0 - now)
 
 
 def _victim_cost(victim: ModelView) -> float:
-    """Requests left waiting for it, weighted by priority, each waiting one reload; plus the
-    reload itself, since an evicted model that was used is likely wanted again."""
+    """Requests left waiting for it, weighted by priority, each waiting one reload: those queued
+    or in flight now, and those its recent rate brings within one reload; plus the reload
+    itself, since an evicted model that was used is likely wanted again."""
     weight = PRIORITY_WEIGHT.get(victim.priority, 1.0)
-    demand = (victim.queued + victim.in_flight) * weight
+    coming = victim.rate_per_s * victim.load_seconds
+    demand = (victim.queued + victim.in_flight + coming) * weight
     return (demand + 1.0) * victim.load_seconds
 
 

@@ -43,6 +43,7 @@ class ModelView:
     load_seconds: float = 5.0  # estimate of one load
     retry_at: float | None = None  # a failed model may not be loaded before this
     ttl_s: float = 0.0  # unloaded after this long idle; 0 = never
+    rate_per_s: float = 0.0  # requests per second lately (placement's measure of demand)
 
     @property
     def resident(self) -> bool:

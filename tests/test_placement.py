@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.eviction import fits_at_all, fits_beside
 from policies.placement import NodeView, RouteOption, eviction_cost, place
+from policies.rates import ArrivalRate
 from policies.types import BatchingConfig, Budget, ModelView, State
 
 CONFIG = BatchingConfig(window_ms=8000, max_wait_ms=60000, min_residency_ms=20000)
@@ -85,11 +87,36 @@ def test_room_is_made_where_the_victims_are_wanted_least() -> None:
 def test_a_victim_inside_its_min_residency_is_spared_if_another_node_can_make_room() -> None:
     fresh = ModelView("fresh", State.LOADED, size_gb=8, loaded_at=NOW - 1, last_used=NOW,
                       in_flight=1, load_seconds=2)
-    settled = idle("settled", size_gb=8, load_seconds=30, in_flight=2)
+    settled = idle("settled", size_gb=8, load_seconds=3)
     routes = [route("a", size_gb=6), route("b", size_gb=6)]
     nodes = nodes_with(node("a", TWELVE, fresh), node("b", TWELVE, settled), routes=routes)
-    assert eviction_cost(routes[0], nodes["a"], CONFIG, NOW)[0]  # breaks min residency
+    # Node a's policy keeps `fresh` for 19 s more: the newcomer would wait that long there.
+    assert eviction_cost(routes[0], nodes["a"], CONFIG, NOW) >= 19
     assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_victim_asked_for_often_is_worth_more_than_one_asked_for_rarely() -> None:
+    hot = idle("hot", size_gb=8, load_seconds=10, rate_per_s=0.5)
+    cold = idle("cold", size_gb=8, load_seconds=10, rate_per_s=0.01)
+    routes = [route("a", size_gb=6), route("b", size_gb=6)]
+    nodes = nodes_with(node("a", TWELVE, hot), node("b", TWELVE, cold), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_of_two_nodes_with_room_the_one_not_busy_loading_wins() -> None:
+    loading = ModelView("other", State.LOADING, size_gb=2, load_seconds=20)
+    routes = [route("a", size_gb=4, load_seconds=5), route("b", size_gb=4, load_seconds=8)]
+    nodes = nodes_with(node("a", TWELVE, loading), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_an_arrival_rate_follows_the_gaps_and_decays_in_silence() -> None:
+    rate = ArrivalRate()
+    assert rate.per_s(0.0) == 0.0
+    for t in range(0, 20, 2):
+        rate.arrived(float(t))
+    assert rate.per_s(18.0) == pytest.approx(0.5)
+    assert rate.per_s(118.0) == pytest.approx(0.01)  # 100 s without a request
 
 
 def test_a_route_whose_backend_is_down_is_left_even_where_the_model_is_resident() -> None:

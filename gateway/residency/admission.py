@@ -29,6 +29,7 @@ from gateway.relay.proxy import Target
 from gateway.residency.drivers.base import Driver
 from gateway.residency.state import Residency
 from policies.admission import expected_wait
+from policies.rates import ArrivalRate
 from policies.types import ModelView, State
 
 HOLD_S = 60.0  # a hold outlives a replica that died mid-swap by this much at most
@@ -79,6 +80,7 @@ class Slot:
     last_used: float = 0.0
     lease_s: float | None = None  # smoothed duration of one lease, for expected waits
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    rate: ArrivalRate = field(default_factory=ArrivalRate)  # requests lately, for placement
 
     @property
     def model(self) -> ModelConfig:
@@ -147,6 +149,7 @@ class Slot:
             load_seconds=r.last_load_s or 5.0,
             retry_at=r.retry_at if r.state is State.FAILED else None,
             ttl_s=r.model.ttl_s if self.managed else 0.0,
+            rate_per_s=self.rate.per_s(now),
         )
 
     def expected_wait_s(self, now: float) -> float:

@@ -119,6 +119,8 @@ class Scheduler:
             raise shutting_down()
         slot = self.slots[model.name]
         now = self.clock()
+        if counted:
+            slot.rate.arrived(now)
         if slot.ready:
             return self._grant(slot, now, counted)
         self._refuse_impossible(slot, now)
