@@ -7,6 +7,7 @@ schemas lack, is checked against cloudcoil's generated models of that CRD.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -147,8 +148,18 @@ def test_optional_objects_appear_only_when_enabled() -> None:
     assert Counter(m["kind"] for m in render()) == Counter(
         ["ConfigMap", "Deployment", "Service", "ServiceAccount"])
     assert Counter(m["kind"] for m in render(VALUES_ALL)) == Counter(
-        ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Ingress",
+        ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Ingress",
          "PodDisruptionBudget", "Secret", "Service", "Service", "ServiceAccount", "ServiceMonitor"])
+
+
+def test_the_grafana_dashboard_is_a_configmap_for_grafanas_sidecar() -> None:
+    (board,) = [m for m in render(VALUES_ALL) if m["kind"] == "ConfigMap"
+                and m["metadata"]["labels"]["app.kubernetes.io/component"] == "dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["namespace"] == "monitoring"
+    assert board["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    shipped = json.loads((ROOT / "grafana" / "swapper-gateway.json").read_text(encoding="utf-8"))
+    assert json.loads(board["data"]["swapper-gateway.json"]) == shipped  # the repository's own
 
 
 def test_ingress_is_ready_for_server_sent_events() -> None:
