@@ -28,10 +28,8 @@ def emulator(server: Any) -> Any:
 
 @pytest.fixture
 def vllm(start_server: Any) -> Any:
-    server = start_server(vllm_emulator.create_app(["org/m1"], tokens=TOKENS, sleep_mode=True,
-                                                   wake_delay=0.01, sleep_delay=0.01))
-    httpx.post(server.url + "/sleep?level=1")
-    return server
+    return start_server(vllm_emulator.create_app(["org/m1"], tokens=TOKENS, sleep_mode=True,
+                                                 asleep=True, wake_delay=0.01))
 
 
 @pytest.fixture
@@ -155,8 +153,7 @@ def test_stop_sequences_sampling_and_output_format_become_openai_fields(gateway:
 def test_a_stream_that_waits_for_a_load_keeps_its_client_company(
         start_gateway: Any, start_server: Any, native: Any) -> None:
     slow = start_server(vllm_emulator.create_app(["org/m1"], tokens=TOKENS, sleep_mode=True,
-                                                 wake_delay=0.5, sleep_delay=0.01))
-    httpx.post(slow.url + "/sleep?level=1")
+                                                 asleep=True, wake_delay=0.5))
     gateway = start_gateway(config(slow, native, server={"heartbeat_s": 0.05,
                                                          "stream_hold_s": 0.05}))
     body = {"model": "m1", "max_tokens": 64, "messages": HELLO, "stream": True}

@@ -31,10 +31,8 @@ def emulator(server: Any) -> Any:
 
 @pytest.fixture
 def vllm(start_server: Any) -> Any:
-    server = start_server(vllm_emulator.create_app(["org/m1"], tokens=TOKENS, sleep_mode=True,
-                                                   wake_delay=0.01, sleep_delay=0.01))
-    httpx.post(server.url + "/sleep?level=1")
-    return server
+    return start_server(vllm_emulator.create_app(["org/m1"], tokens=TOKENS, sleep_mode=True,
+                                                 asleep=True, wake_delay=0.01))
 
 
 @pytest.fixture

@@ -31,10 +31,8 @@ LIMIT = 64 * 1024
 def backends(start_server: Any) -> dict[str, Any]:
     servers = {}
     for name, (served, _, options) in BACKENDS.items():
-        server = start_server(vllm_emulator.create_app([served], sleep_mode=True, wake_delay=0.01,
-                                                       sleep_delay=0.01, **options))
-        httpx.post(server.url + "/sleep?level=1")  # asleep until the gateway swaps it in
-        servers[name] = server
+        servers[name] = start_server(vllm_emulator.create_app(
+            [served], sleep_mode=True, asleep=True, wake_delay=0.01, sleep_delay=0.01, **options))
     return servers
 
 
@@ -77,7 +75,7 @@ def test_rerank_puts_the_relevant_document_first_on_every_path(
         "model": "reranker", "query": "quick brown fox", "documents": DOCUMENTS, "top_n": 2})
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
-    assert [r["index"] for r in results][0] == 1 and len(results) == 2
+    assert results[0]["index"] == 1 and len(results) == 2
     assert results[0]["relevance_score"] > results[1]["relevance_score"]
     assert answer.json()["model"] == "reranker"  # named as the client asked
     assert emulator(backends["reranker"]).last_request["model"] == "org/rerank"

@@ -1,8 +1,8 @@
 """A tiny random-weight reranker in GGUF that `llama-server --reranking` serves for real.
 
 llama.cpp scores a (query, document) pair with a model whose pooling is `rank` and that has a
-classifier head (`cls.output`); of the small architectures, Qwen3 loads one. Its vocabulary and
-tokenizer are the tiny chat models' (`gateway.tinymodels`), so any text tokenizes.
+classifier head (`cls.output`); of the small architectures, Qwen3 loads one. Its metadata,
+vocabulary and tokenizer are the tiny chat models' (`gateway.tinymodels`), so any text tokenizes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-# One tokenizer for every tiny model: the reranker takes the chat models' as it is.
-from gateway.tinymodels import _add_tokenizer, _vocabulary
+# The tiny chat models' metadata (keyed by the writer's architecture) and tokenizer, as they are.
+from gateway.tinymodels import _add_metadata, _add_tokenizer, _vocabulary
 
 _HEAD_DIM = 32
 _VOCAB = 512
@@ -22,19 +22,9 @@ _VOCAB = 512
 def write_tiny_reranker(path: Path, *, dim: int = 64, layers: int = 2, seed: int = 7) -> Path:
     pieces, types = _vocabulary(_VOCAB)
     writer = gguf.GGUFWriter(path, "qwen3")
-    writer.add_name("tiny-reranker")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(2048)
-    writer.add_embedding_length(dim)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(4 * dim)
-    writer.add_head_count(dim // _HEAD_DIM)
-    writer.add_head_count_kv(dim // _HEAD_DIM)
-    writer.add_key_length(_HEAD_DIM)
+    _add_metadata(writer, dim=dim, layers=layers, vocab=_VOCAB, embedding=False)
+    writer.add_key_length(_HEAD_DIM)  # Qwen3 names its head size
     writer.add_value_length(_HEAD_DIM)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(_VOCAB)
     writer.add_pooling_type(gguf.PoolingType.RANK)
     _add_tokenizer(writer, pieces, types)
     rng = np.random.default_rng(seed)

@@ -1059,12 +1059,14 @@ def create_app(
     sleep_delay: float = 0.1,
     first_byte_delay: float = 1.0,
     embedding_dim: int = EMBEDDING_DIM,
+    asleep: bool = False,
 ) -> Starlette:
     """A vLLM-like server for `served_models`.
 
     `embedding=True` makes it an embedding model (like `vllm serve --runner pooling`): it serves
     /v1/embeddings and refuses generation, and the other way round when False. `sleep_mode`
-    adds vLLM's dev endpoints /sleep, /wake_up and /is_sleeping.
+    adds vLLM's dev endpoints /sleep, /wake_up and /is_sleeping; `asleep` starts it asleep, as
+    an operator leaves a server for the gateway to wake.
     """
     models = [served_models] if isinstance(served_models, str) else list(served_models)
     if not models:
@@ -1082,6 +1084,7 @@ def create_app(
         embedding_dim=embedding_dim,
     )
     state.fail(failure)
+    state.sleeping, state.sleep_level = asleep, int(asleep)
     routes = [
         Route("/health", _health),
         Route("/v1/models", _models),

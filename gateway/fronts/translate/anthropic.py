@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, bad_request
-from gateway.fronts.translate.sse import DONE, SseEvents
+from gateway.fronts.translate.sse import StreamTranslation
 
 SSE = "text/event-stream; charset=utf-8"
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -236,50 +236,30 @@ def event(payload: Mapping[str, Any]) -> bytes:
         + b"\n\n"
 
 
-class MessageEvents:
+class MessageEvents(StreamTranslation):
     """An OpenAI chat stream as Anthropic's event sequence. One content block is open at a
     time: text, thinking, or a tool_use whose arguments arrive as input_json_delta pieces."""
 
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
-        self._events = SseEvents()
         self._started = False
-        self._ended = False
         self._index = -1  # of the open block; -1: none yet
         self._open: tuple[str, Any] | None = None  # (kind, the OpenAI tool call index)
         self._stop: tuple[str, str | None] = ("end_turn", None)
         self._usage: Mapping[str, Any] | None = None
 
-    def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._on(item) for item in self._events.feed(chunk))
-
-    def flush(self) -> bytes:
-        tail = b"".join(self._on(item) for item in self._events.flush())
-        if not self._ended:
-            self._ended = True
-            tail += event({"type": "error", "error": {
-                "type": "api_error",
-                "message": "The backend ended the stream before it was complete."}})
-        return tail
-
-    def _on(self, item: dict[str, Any] | str) -> bytes:
-        if self._ended:
-            return b""
-        if item == DONE:
-            return self._end()
-        assert isinstance(item, dict)
-        if "error" in item:
-            self._ended = True
-            error = item["error"]
-            text = error.get("message") if isinstance(error, dict) else str(error)
-            return event({"type": "error", "error": {"type": "api_error", "message": text}})
-        out = b"" if self._started else self._start(item)
-        if item.get("usage"):
-            self._usage = item["usage"]
-        for choice in item.get("choices") or ():
+    def chunk(self, event: dict[str, Any]) -> bytes:
+        out = b"" if self._started else self._start(event)
+        if event.get("usage"):
+            self._usage = event["usage"]
+        for choice in event.get("choices") or ():
             if choice.get("index", 0) == 0:
                 out += self._delta(choice)
         return out
+
+    def error(self, message: str) -> bytes:
+        return event({"type": "error", "error": {"type": "api_error", "message": message}})
 
     def _start(self, chunk: Mapping[str, Any]) -> bytes:
         self._started = True
@@ -333,8 +313,7 @@ class MessageEvents:
         self._open = None
         return event({"type": "content_block_stop", "index": self._index})
 
-    def _end(self) -> bytes:
-        self._ended = True
+    def done(self) -> bytes:
         out = b"" if self._started else self._start({})
         reason, sequence = self._stop
         return out + self._close() + event({

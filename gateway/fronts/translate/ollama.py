@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, bad_request
-from gateway.fronts.translate.sse import DONE, SseEvents
+from gateway.fronts.translate.sse import StreamTranslation
 
 NDJSON = "application/x-ndjson"
 # Sampling options with an OpenAI field of the same name.
@@ -299,48 +299,30 @@ def digest(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-class NdjsonFrames:
+class NdjsonFrames(StreamTranslation):
     """An OpenAI chat (or completion) stream as Ollama's NDJSON lines. Tool calls come whole,
     in one line before the last (their arguments arrive in pieces); the last line waits for
     the usage event, which the gateway always asks for."""
 
     def __init__(self, name: str, timing: Timing, clock: Any, generate: bool) -> None:
+        super().__init__()
         self.name = name
         self.timing = timing
         self.clock = clock  # perf_counter, or a test's
         self.generate = generate
-        self._events = SseEvents()
         self._calls: dict[int, dict[str, Any]] = {}
         self._reason: Any = None
         self._usage: Mapping[str, Any] | None = None
         self._first: float | None = None
-        self._ended = False
 
-    def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._on(event) for event in self._events.feed(chunk))
-
-    def flush(self) -> bytes:
-        tail = b"".join(self._on(event) for event in self._events.flush())
-        if not self._ended:
-            self._ended = True
-            message = "The backend ended the stream before it was complete."
-            tail += _line({"error": message})
-        return tail
-
-    def _on(self, event: dict[str, Any] | str) -> bytes:
-        if self._ended:
-            return b""
-        if event == DONE:
-            return self._last()
-        assert isinstance(event, dict)
-        if "error" in event:
-            self._ended = True
-            error = event["error"]
-            return _line({"error": error.get("message") if isinstance(error, dict) else error})
+    def chunk(self, event: dict[str, Any]) -> bytes:
         if event.get("usage"):
             self._usage = event["usage"]
         return b"".join(self._piece(choice) for choice in event.get("choices") or ()
                         if choice.get("index", 0) == 0)  # Ollama answers one choice
+
+    def error(self, message: str) -> bytes:
+        return _line({"error": message})
 
     def _piece(self, choice: Mapping[str, Any]) -> bytes:
         if choice.get("finish_reason"):
@@ -361,11 +343,11 @@ class NdjsonFrames:
         call = self._calls.setdefault(delta.get("index", len(self._calls)),
                                       {"function": {"name": "", "arguments": ""}})
         function = delta.get("function") or {}
-        call["function"]["name"] += function.get("name") or ""
+        if function.get("name"):  # set, not appended: some backends repeat it in every piece
+            call["function"]["name"] = function["name"]
         call["function"]["arguments"] += function.get("arguments") or ""
 
-    def _last(self) -> bytes:
-        self._ended = True
+    def done(self) -> bytes:
         lines = b""
         if self._calls:
             calls = [ollama_tool_call(self._calls[i]) for i in sorted(self._calls)]

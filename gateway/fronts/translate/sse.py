@@ -55,3 +55,49 @@ class SseEvents:
             return {"error": {"message": message, "type": "server_error",
                               "code": "backend_invalid_response"}}
         return parsed
+
+
+INCOMPLETE = "The backend ended the stream before it was complete."
+
+
+class StreamTranslation:
+    """The frame of every translation of an OpenAI stream: its events, in order, until
+    `data: [DONE]` or an error event; a stream that stops before either ends with an error.
+    A front's translation says what a chunk, the end and an error become (`chunk`, `done`,
+    `error`)."""
+
+    def __init__(self) -> None:
+        self._events = SseEvents()
+        self._ended = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        return b"".join(self._on(event) for event in self._events.feed(chunk))
+
+    def flush(self) -> bytes:
+        tail = b"".join(self._on(event) for event in self._events.flush())
+        return tail + (b"" if self._ended else self._fail(INCOMPLETE))
+
+    def _on(self, event: dict[str, Any] | str) -> bytes:
+        if self._ended:
+            return b""
+        if event == DONE:
+            self._ended = True
+            return self.done()
+        assert isinstance(event, dict)
+        if "error" in event:
+            error = event["error"]
+            return self._fail(str(error.get("message") if isinstance(error, dict) else error))
+        return self.chunk(event)
+
+    def _fail(self, message: str) -> bytes:
+        self._ended = True
+        return self.error(message)
+
+    def chunk(self, event: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def done(self) -> bytes:
+        raise NotImplementedError
+
+    def error(self, message: str) -> bytes:
+        raise NotImplementedError
