@@ -68,12 +68,16 @@ def state_of(gateway: Any, model: str, key: str | None = None) -> str:
     return httpx.get(f"{gateway.url}/models/{model}", headers=headers).json()["state"]
 
 
-def cells(page: str, model: str) -> list[str]:
-    """The text of the model's row in the models table."""
-    row = re.search(rf'<tr><td><span class=swatch[^>]*></span>{model}\b.*?</tr>', page)
+def cells(page: str, model: str) -> dict[str, str]:
+    """The text of the model's row in the models table, by column."""
+    table = re.search(r"<h2>Models</h2>.*?</table>", page, re.S)
+    assert table, "no models table"
+    headers = re.findall(r"<th(?: [^>]*)?>(.*?)</th>", table.group())
+    row = re.search(rf"<tr><td><span class=swatch[^>]*></span>{model}\b.*?</tr>", table.group())
     assert row, f"no row for {model}"
-    return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>",
-                                                                    row.group())]
+    texts = [re.sub(r"<[^>]+>", "", c).strip()
+             for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(), re.S)]
+    return dict(zip(headers, texts, strict=True))
 
 
 # -- what the page shows, read as HTML ----------------------------------------------------------
@@ -88,11 +92,13 @@ def test_models_swaps_and_timeline_without_scripts(start_server: Any, ollama: An
     page = answer.text
     assert '<noscript><meta http-equiv="refresh"' in page  # refreshes without scripts too
     alpha = cells(page, "alpha")
-    assert alpha[1] == "loaded" and alpha[3] == "ollama" and "(gpt-4o-mini)" in alpha[0]
-    assert re.fullmatch(r"\d+ ms \u00d72", alpha[10]), alpha  # load times in ms, and how many
-    assert re.fullmatch(r"in (9 min \d+ s|10 min)", alpha[9]), alpha  # the ttl countdown
-    assert alpha[6] == "2.0" and alpha[7].endswith(" ms")  # requests/min, TTFT p50
-    assert cells(page, "beta")[1] == "unloaded"
+    assert alpha["State"] == "loaded" and alpha["Backend"] == "ollama"
+    assert "(gpt-4o-mini)" in alpha["Model"]
+    assert re.fullmatch(r"\d+ ms \u00d72", alpha["Last load"]), alpha  # in ms, and how many
+    assert re.fullmatch(r"in (9 min \d+ s|10 min)", alpha["Idle unload"]), alpha  # ttl countdown
+    assert alpha["Req/min"] == "2.0" and alpha["TTFT p50"].endswith(" ms")
+    assert alpha["Memory"] == "4.0 GB" and alpha["Actions"] == "LoadUnloadPurge cache"
+    assert cells(page, "beta")["State"] == "unloaded"
     swaps = re.findall(r'<span class="state (\w+)">\w+</span></td><td class=num>(\d+)</td>',
                        page)
     assert swaps == [("loaded", "1")] * 3  # one row per swap: its outcome, what it served
@@ -133,11 +139,13 @@ def test_a_failed_load_is_one_line_with_its_retry_time(start_server: Any, ollama
     assert refused.status_code == 503
     page = httpx.get(gateway.url + "/ui").text
     alpha = cells(page, "alpha")
-    assert re.fullmatch(r"failed retry in \d+(\.\d)? s", alpha[1]), alpha
+    assert re.fullmatch(r"failed retry in \d+(\.\d)? s", alpha["State"]), alpha
     details = re.search(r'<details class=error id="error-alpha"><summary>(.*?)</summary>', page)
     assert details and "CUDA out of memory" in details.group(1)
     assert "trace line" not in details.group(1)  # the rest only when opened
     assert page.count("trace line") <= 2 * 200  # in the row's details, and the swap's
+    assert '<span class="state failed">failed</span><details class=error' in page  # its swap
+    assert 'class="bar failed"' in page  # a red mark in the timeline
 
 
 def test_a_load_shows_its_progress_against_its_timeout(start_server: Any) -> None:
@@ -148,7 +156,7 @@ def test_a_load_shows_its_progress_against_its_timeout(start_server: Any) -> Non
     try:
         wait_until(lambda: "<progress" in httpx.get(gateway.url + "/ui").text,
                    message="the load on the page")
-        state = cells(httpx.get(gateway.url + "/ui").text, "alpha")[1]
+        state = cells(httpx.get(gateway.url + "/ui").text, "alpha")["State"]
         assert re.fullmatch(r"loading\s+\d+ ms of 10 min|loading\s+\d\.\d s of 10 min", state)
     finally:
         waiting.join(30)

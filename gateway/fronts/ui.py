@@ -135,32 +135,36 @@ def _cards(view: PageView) -> str:
 def _nodes(view: PageView, colours: dict[str, str]) -> str:
     if not view.nodes:
         return "<p class=empty>No node: no model's residency is managed here.</p>"
-    sizes = {r.status.name: r.status.resident_gb for r in view.routes}
     return "<div class=nodes>" + "".join(
-        _node(node, sizes, colours) for node in view.nodes) + "</div>"
+        _node(node, [r for r in view.routes if r.status.managed and r.status.node == node.name
+                     and r.status.view.resident], colours) for node in view.nodes) + "</div>"
 
 
-def _node(node: NodeRow, sizes: dict[str, float], colours: dict[str, str]) -> str:
+def _node(node: NodeRow, holding: list[RouteRow], colours: dict[str, str]) -> str:
+    """`holding`: the visible routes that count in the node's budget now (loaded, loading,
+    unloading)."""
     limit = f"max {node.max_models} model{'s' * (node.max_models != 1)}" \
         if node.max_models is not None else "no model limit"
     swapping = " \u00b7 swapping\u2026" if node.swapping else ""
     return (f"<div class=node data-node=\"{escape(node.name)}\"><div class=head>"
             f"<b>{escape(node.name)}</b><span>{escape(node.mode)} \u00b7 {limit}{swapping}"
-            f"</span></div>{_memory_bar(node, sizes, colours)}"
+            f"</span></div>{_memory_bar(node, holding, colours)}"
             f"<small>{escape(_memory_text(node))}</small></div>")
 
 
-def _memory_bar(node: NodeRow, sizes: dict[str, float], colours: dict[str, str]) -> str:
+def _memory_bar(node: NodeRow, holding: list[RouteRow], colours: dict[str, str]) -> str:
     scale = node.budget_gb or max(node.resident_gb, node.configured_gb) or 1.0
-    shown = sum(sizes.get(name, 0.0) for name in node.resident)
-    segments = [(name, sizes.get(name, 0.0), colours.get(name, "#98a2b3"))
-                for name in node.resident]
-    parts = [f'<span class=seg style="width:{100 * gb / scale:.2f}%;background:{colour}" '
-             f'title="{escape(name)}: {gigabytes(gb)}"></span>' for name, gb, colour in segments]
-    if node.resident_gb - shown > 0.01:  # routes this caller may not see
-        parts.append(f'<span class="seg other" style="width:'
-                     f'{100 * (node.resident_gb - shown) / scale:.2f}%" title="other models">'
-                     "</span>")
+    parts = []
+    for route in holding:
+        m = route.status
+        moving = "" if m.state is State.LOADED else f" ({m.state.value})"
+        parts.append(f'<span class="seg {m.state.value}" style="width:'
+                     f'{100 * m.resident_gb / scale:.2f}%;background:{colours[m.name]}" '
+                     f'title="{escape(m.name)}{moving}: {gigabytes(m.resident_gb)}"></span>')
+    rest = node.resident_gb - sum(r.status.resident_gb for r in holding)
+    if rest > 0.01:  # routes this caller may not see
+        parts.append(f'<span class="seg other" style="width:{100 * rest / scale:.2f}%" '
+                     'title="other models"></span>')
     if node.measured_gb is not None and node.budget_gb:
         parts.append(f'<span class=configured style="left:'
                      f'{min(100.0, 100 * node.configured_gb / scale):.2f}%" '
@@ -196,33 +200,38 @@ def _timeline(view: PageView, colours: dict[str, str]) -> str:
 
 def _models(view: PageView, colours: dict[str, str]) -> str:
     headers = ["Model", "State", "Node", "Backend", "Queue", "In flight", "Req/min", "TTFT p50",
-               "Last used", "Idle unload", "Last load", "Memory", "Error"]
-    if view.admin:
-        headers.append("Actions")
+               "Last used", "Idle unload", "Last load", "Memory", "Error", "Actions"]
     rows = [_model_row(route, view, colours) for route in view.routes]
-    return _table(headers, rows, "No models configured.", row_classes=[
+    return _table(_shown(headers, view), rows, "No models configured.", row_classes=[
         "route" if route.fallback else "" for route in view.routes])
 
 
-def _model_row(route: RouteRow, view: PageView, colours: dict[str, str]) -> list[str]:
+def _shown(headers: list[str], view: PageView) -> list[str]:
+    """One node needs no node column; a reader without admin rights, no actions."""
+    hidden = {"Node"} if len(view.nodes) <= 1 else set()
+    return [h for h in headers if h not in hidden and (h != "Actions" or view.admin)]
+
+
+def _model_row(route: RouteRow, view: PageView, colours: dict[str, str]) -> dict[str, str]:
     m, now = route.status, view.at
     name = (f'<span class=swatch style="background:{colours[m.name]}"></span>'
             f"{escape(m.name)}")
     if route.aliases:
         name += f' <span class=alias>({escape(", ".join(route.aliases))})</span>'
-    cells = [
-        _td(name), _td(_state(route, now)), _td(escape(m.node)), _td(_backend(route)),
-        _num(str(m.queue)), _num(str(m.in_flight)),
-        _num(f"{route.per_minute:.1f}" if not route.fallback else BLANK),
-        _num(load_time(route.ttft_p50_ms / 1000) if route.ttft_p50_ms is not None else BLANK),
-        _td(escape(ago(m.last_used, now))), _td(escape(_idle_unload(route, now))),
-        _num(load_time(m.last_load_s) + (f" <span class=sub>\u00d7{m.load_count}</span>"
-                                          if m.load_count else "")),
-        _num(escape(_memory(route))), _td(_error(m.name, m.error)),
-    ]
-    if view.admin:
-        cells.append(_td(_actions(route), "actions"))
-    return cells
+    loads = f" <span class=sub>\u00d7{m.load_count}</span>" if m.load_count else ""
+    return {
+        "Model": _td(name), "State": _td(_state(route, now)), "Node": _td(escape(m.node)),
+        "Backend": _td(_backend(route)), "Queue": _num(str(m.queue)),
+        "In flight": _num(str(m.in_flight)),
+        "Req/min": _num(f"{route.per_minute:.1f}" if not route.fallback else BLANK),
+        "TTFT p50": _num(load_time(route.ttft_p50_ms / 1000)
+                         if route.ttft_p50_ms is not None else BLANK),
+        "Last used": _td(escape(ago(m.last_used, now))),
+        "Idle unload": _td(escape(_idle_unload(route, now))),
+        "Last load": _num(load_time(m.last_load_s) + loads),
+        "Memory": _num(escape(_memory(route))), "Error": _td(_error(m.name, m.error), "error"),
+        "Actions": _td(_actions(route), "actions"),
+    }
 
 
 def _state(route: RouteRow, now: float) -> str:
@@ -304,10 +313,11 @@ def _button(action: str, model: str, label: str, disabled: bool) -> str:
 def _swaps(view: PageView) -> str:
     headers = ["Time", "Node", "Unloaded", "Loaded", "Why", "Waiting", "Took", "Outcome",
                "Served"]
-    return _table(headers, [_swap_row(swap, view.at) for swap in view.swaps], "No swaps yet.")
+    return _table(_shown(headers, view), [_swap_row(swap, view.at) for swap in view.swaps],
+                  "No swaps yet.")
 
 
-def _swap_row(swap: SwapRow, now: float) -> list[str]:
+def _swap_row(swap: SwapRow, now: float) -> dict[str, str]:
     took = load_time(swap.took_s)
     if swap.load_s is not None and swap.unloaded:
         took += f" <span class=sub>(load {load_time(swap.load_s)})</span>"
@@ -315,29 +325,33 @@ def _swap_row(swap: SwapRow, now: float) -> list[str]:
                f"{escape(swap.outcome)}</span>")
     if swap.error:
         outcome += _error(f"swap-{swap.at}-{swap.loaded}", swap.error)
-    return [
-        _td(f"{clock(swap.at)} <span class=sub>{escape(ago(swap.at, now))}</span>"),
-        _td(escape(swap.node)), _td(escape(", ".join(swap.unloaded)) or BLANK),
-        _td(escape(swap.loaded or BLANK)), _td(escape(swap.reason)), _num(str(swap.waiting)),
-        _num(took), _td(outcome),
-        _num(str(swap.served) if swap.served is not None else BLANK),
-    ]
+    return {
+        "Time": _td(f"{clock(swap.at)} <span class=sub>{escape(ago(swap.at, now))}</span>"),
+        "Node": _td(escape(swap.node)),
+        "Unloaded": _td(escape(", ".join(swap.unloaded)) or BLANK),
+        "Loaded": _td(escape(swap.loaded or BLANK)), "Why": _td(escape(swap.reason)),
+        "Waiting": _num(str(swap.waiting)), "Took": _num(took), "Outcome": _td(outcome),
+        "Served": _num(str(swap.served) if swap.served is not None else BLANK),
+    }
 
 
 # -- tables -------------------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[str], rows: Iterable[list[str]], empty: str,
+def _table(headers: Sequence[str], rows: Iterable[dict[str, str]], empty: str,
            row_classes: Sequence[str] = ()) -> str:
-    """A table of rows of `<td>` cells, or one line saying there is nothing to show."""
+    """A table of the `headers` columns of rows of `<td>` cells keyed by header, or one line
+    saying there is nothing to show."""
     rendered = []
     for i, row in enumerate(rows):
         css = row_classes[i] if i < len(row_classes) else ""
-        rendered.append(f"<tr{f' class={css}' if css else ''}>{''.join(row)}</tr>")
+        cells = "".join(row[h] for h in headers)
+        rendered.append(f"<tr{f' class={css}' if css else ''}>{cells}</tr>")
     if not rendered:
         return f"<table><tr><td class=empty>{escape(empty)}</td></tr></table>"
     head = "".join(f"<th{' class=num' if h in _NUMERIC else ''}>{escape(h)}</th>" for h in headers)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rendered)}</tbody></table>"
+    return (f"<div class=scroll><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rendered)}</tbody></table></div>")
 
 
 def _td(html: str, css_class: str = "") -> str:

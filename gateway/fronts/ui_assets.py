@@ -55,6 +55,7 @@ h2 small{font-weight:400;color:#667085}
   overflow:hidden;display:flex}
 .membar .seg{height:100%;border-right:1px solid #fff}
 .membar .other{background:#98a2b3}
+.membar .loading,.membar .unloading{opacity:.55}
 .membar .configured{position:absolute;top:0;bottom:0;width:2px;background:#1d2330}
 .membar.over{outline:2px solid #d92d20}
 .node small{color:#475467}
@@ -77,9 +78,12 @@ tr.route td:first-child{padding-left:26px}
 progress{width:90px;height:8px;vertical-align:middle}
 .dot{display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:5px}
 .up{background:#12b76a}.down{background:#d92d20}
-details.error{max-width:360px;white-space:normal;color:#b42318}
+td.error{white-space:normal}
+details.error{width:280px;color:#b42318}
 details.error summary{cursor:pointer;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-details.error pre{white-space:pre-wrap;font-size:12px;margin:6px 0 0}
+details.error pre{white-space:pre-wrap;word-break:break-word;font-size:12px;margin:6px 0 0;
+  max-height:320px;overflow:auto}
+.scroll{overflow-x:auto}
 td.actions button{margin-right:4px}
 .empty{color:#667085;padding:12px}
 footer{color:#98a2b3;font-size:12px;padding:8px 28px 20px}

@@ -6,7 +6,8 @@ and on every page view. One snapshot gives the edges of a route's current or las
 of its last load exactly (`loaded_at`, `unloaded_at`, `last_load_s`, `load_elapsed_s`), so
 sampling finds the edges, it does not round them. Missed: a residency that began and ended
 between two samples with another one of the same route after it (a swap every second or so).
-A failed load's end is the sample that saw it fail (the snapshot has no failure time).
+A failed load's end is the sample that saw it fail (the snapshot has no failure time), and a
+load that failed between two samples is a mark where it was seen (`Span.seen`).
 
 `RecentRequests`: each model's answers of the last minutes, fed by the access log's observer
 (one record per answer), for requests per minute and time to first token.
@@ -43,8 +44,9 @@ class Span:
     kind: str  # "loading" | "loaded"
     start: float  # wall clock
     end: float | None = None  # None: still going
-    failed: bool = False  # a load that ended without the model
+    failed: bool = False  # a load that ended without the model (or a crash)
     error: str | None = None
+    seen: bool = False  # its times are when a sample saw it: the snapshot had none
 
 
 class Residencies:
@@ -52,6 +54,7 @@ class Residencies:
         self.keep_s = keep_s
         self.since: float | None = None  # the first snapshot seen: nothing is known before
         self._spans: dict[str, list[Span]] = defaultdict(list)
+        self._failures: dict[str, float | None] = {}  # route -> the retry time of its failure
 
     def observe(self, status: SchedulerStatus) -> None:
         at = status.at
@@ -83,9 +86,21 @@ class Residencies:
             self._close_open(m.name, "loading", started, before=started)  # an earlier attempt
             self._edge(m, "loading", started, None)
         elif m.state is State.FAILED:
-            self._close_open(m.name, "loading", at, failed=True, error=m.error)
+            self._failed(m, at)
         if m.state not in (State.LOADED, State.UNLOADING):
             self._close_open(m.name, "loaded", m.unloaded_at or at)
+
+    def _failed(self, m: ModelStatus, at: float) -> None:
+        """Each failure sets a new retry time: that tells one failure from the next."""
+        if m.name in self._failures and _same(self._failures[m.name], m.retry_at):
+            return
+        self._failures[m.name] = m.retry_at
+        running = [s for s in self._spans.get(m.name, ()) if s.kind == "loading" and s.end is None]
+        if running:
+            self._close_open(m.name, "loading", at, failed=True, error=m.error)
+        else:
+            self._spans[m.name].append(Span(m.name, m.node, "loading", at, at, failed=True,
+                                            error=m.error, seen=True))
 
     def _edge(self, m: ModelStatus, kind: str, start: float, end: float | None) -> None:
         """Record a span's edges; a span already known (same start) only learns its end."""
@@ -114,6 +129,11 @@ class Residencies:
                 self._spans[route] = kept
             else:
                 del self._spans[route]
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    """Two readings of one wall time (or both none)."""
+    return a == b if a is None or b is None else abs(a - b) < SAME_EDGE_S
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,10 @@ def _now_line(y: float, x: Callable[[float], float], now: float) -> str:
 def describe_span(span: Span, now: float) -> str:
     """A bar's tooltip: what it was and how long it lasted."""
     lasted = (now if span.end is None else span.end) - span.start
-    what = {"loading": "loading", "loaded": "resident"}[span.kind]
     if span.failed:
-        what = "load failed" + (f" ({span.error})" if span.error else "")
+        failed = "failed" + (f": {span.error}" if span.error else "")
+        return failed if span.seen else f"{failed}, after {duration(lasted)}"
+    what = {"loading": "loading", "loaded": "resident"}[span.kind]
     ongoing = ", still" if span.end is None else ""
     return f"{what} for {duration(lasted)}{ongoing}"
 

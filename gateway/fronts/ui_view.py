@@ -201,10 +201,11 @@ def _swap_row(at: float, node: str, unloads: tuple[str, ...], load: DecisionStat
         outcome = _still_running(status, node, at)
         return SwapRow(at, node, unloads, load.model, reason, load.waiting, load.served,
                        outcome, None, None, None)
-    load_s = None if loading.end is None else loading.end - loading.start
+    ended = None if loading.end is None or loading.seen else loading.end
+    load_s = None if ended is None else ended - loading.start
     outcome = "loading" if loading.end is None else "failed" if loading.failed else "loaded"
     return SwapRow(at, node, unloads, load.model, reason, load.waiting, load.served, outcome,
-                   _took(at, loading.end), load_s, loading.error)
+                   _took(at, ended), load_s, loading.error)
 
 
 def _still_running(status: SchedulerStatus, node: str, at: float) -> str:
