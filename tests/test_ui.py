@@ -97,7 +97,8 @@ def test_models_swaps_and_timeline_without_scripts(start_server: Any, ollama: An
     assert re.fullmatch(r"\d+ ms \u00d72", alpha["Last load"]), alpha  # in ms, and how many
     assert re.fullmatch(r"in (9 min \d+ s|10 min)", alpha["Idle unload"]), alpha  # ttl countdown
     assert alpha["Req/min"] == "2.0" and alpha["TTFT p50"].endswith(" ms")
-    assert alpha["Memory"] == "4.0 GB" and alpha["Actions"] == "LoadUnloadPurge cache"
+    assert alpha["Memory"].startswith("4.0 GB")  # measured where the backend tells
+    assert alpha["Actions"] == "LoadUnloadPurge cache"
     assert cells(page, "beta")["State"] == "unloaded"
     swaps = re.findall(r'<span class="state (\w+)">\w+</span></td><td class=num>(\d+)</td>',
                        page)
@@ -106,7 +107,7 @@ def test_models_swaps_and_timeline_without_scripts(start_server: Any, ollama: An
     timeline = re.search(r"<svg id=timeline.*?</svg>", page, re.S)
     assert timeline is not None
     assert len(re.findall(r'class="bar loaded"', timeline.group())) == 3  # alpha twice, beta
-    assert "6.0 GB resident of 12.0 GB" not in page and "4.0 GB resident of 12.0 GB" in page
+    assert "4.0 GB resident of 12.0 GB" in page  # the node's bar: alpha alone
 
 
 def test_the_page_names_no_other_origin_and_allows_only_its_own_script(
