@@ -110,6 +110,27 @@ def test_models_swaps_and_timeline_without_scripts(start_server: Any, ollama: An
     assert "4.0 GB resident of 12.0 GB" in page  # the node's bar: alpha alone
 
 
+def test_each_node_has_its_memory_bar_and_timeline_lane(start_server: Any) -> None:
+    gpu = start_server(ollama_emulator.create_app({"a:7b": 4.0}, load_delay=0.02))
+    mac = start_server(ollama_emulator.create_app({"b:7b": 6.0}, load_delay=0.02))
+    app = create_app(parse_config({
+        "nodes": {"gpu-box": {"memory_budget_gb": 20}, "macbook": {"mode": "single-active",
+                                                                   "memory_budget_gb": 56}},
+        "backends": {"gpu": {"kind": "ollama", "base_url": gpu.url, "node": "gpu-box"},
+                     "mac": {"kind": "ollama", "base_url": mac.url, "node": "macbook"}},
+        "models": {"alpha": {"backend": "gpu", "served_name": "a:7b", "size_gb": 4},
+                   "beta": {"backend": "mac", "served_name": "b:7b", "size_gb": 6}},
+    }, source="test-config", env={}))
+    gateway = start_server(app)
+    chat(gateway, "alpha")
+    chat(gateway, "beta")
+    page = httpx.get(gateway.url + "/ui").text
+    assert "4.0 GB resident of 20.0 GB" in page and "6.0 GB resident of 56.0 GB" in page
+    lanes = re.findall(r">node ([\w-]+)</text>", page)  # the timeline's, one per node
+    assert lanes == ["gpu-box", "macbook"]
+    assert cells(page, "alpha")["Node"] == "gpu-box" and cells(page, "beta")["Node"] == "macbook"
+
+
 def test_the_page_names_no_other_origin_and_allows_only_its_own_script(
         start_server: Any, ollama: Any) -> None:
     gateway = start(start_server, ollama.url)
