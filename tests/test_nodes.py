@@ -7,8 +7,14 @@ its own memory and fails a load over it, so a budget the gateway let slip would 
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import sys
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -303,3 +309,146 @@ def test_a_node_that_returns_is_reconciled_with_what_it_holds(
         assert status["nodes"]["a"]["resident_models"] == ["only-a"]
         assert http.post("/v1/chat/completions", json=ask("only-a")).status_code == 200
         assert emulator(back).load_count["only-a:7b"] == 1  # found, not loaded again
+
+
+# -- measured memory -------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATOR_CMD = (f"{shlex.quote(sys.executable)} -m tests.emulators.openai_server "
+                "--port {port} --model {served_name}")
+# A stand-in for nvidia-smi: a GPU of `total_mib`, on which each emulator process (found by
+# the served name it was started with) uses what the test says; the rest is free.
+FAKE_SMI = """#!{python}
+import json, os, sys
+gpu = json.load(open(os.environ["FAKE_GPU"]))
+used = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{{pid}}/cmdline", "rb").read().decode().split("\\0")
+    except OSError:
+        continue
+    if "tests.emulators.openai_server" in argv and "--model" in argv:
+        mib = gpu["apps"].get(argv[argv.index("--model") + 1])
+        if mib is not None:
+            used.append((pid, mib))
+query = " ".join(sys.argv[1:])
+if "--query-compute-apps=pid,used_memory" in query:
+    for pid, mib in used:
+        print(f"{{pid}}, {{mib}}")
+elif "--query-gpu=memory.free" in query:
+    print(gpu["total_mib"] - sum(mib for _, mib in used))
+else:
+    sys.exit(2)
+"""
+
+
+def gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, total_mib: int,
+             apps: dict[str, int]) -> None:
+    """Put the stand-in nvidia-smi first on PATH, reporting this GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(FAKE_SMI.format(python=sys.executable))
+    smi.chmod(0o755)
+    (tmp_path / "gpu.json").write_text(json.dumps({"total_mib": total_mib, "apps": apps}))
+    monkeypatch.setenv("FAKE_GPU", str(tmp_path / "gpu.json"))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def process_node(tmp_path: Path, **models: float) -> dict[str, Any]:
+    return {
+        "swapper": {"model_swap_timeout": 30},
+        "batching": {"window_ms": 0, "min_residency_ms": 0},
+        "server": {"stream_hold_s": 0},
+        "nodes": {"gpu": {"memory_budget_gb": 24, "max_concurrent_models": 3}},
+        "backends": {"local": {"kind": "process", "cmd": EMULATOR_CMD, "node": "gpu",
+                               "env": {"PYTHONPATH": str(ROOT)}, "start_timeout": 20,
+                               "stop_grace": 2}},
+        "models": {name: {"backend": "local", "served_name": f"org/{name}", "size_gb": gb}
+                   for name, gb in models.items()},
+    }
+
+
+def model_status(gateway: Any, name: str) -> dict[str, Any]:
+    return httpx.get(f"{gateway.url}/models/{name}", timeout=10).json()
+
+
+def test_ollama_says_what_a_model_holds_and_the_budget_counts_that(
+        start_gateway: Any, start_server: Any) -> None:
+    ollama = start_server(ollama_emulator.create_app(
+        {"a:7b": 6, "b:7b": 4}, load_delay=0.05, memory_gb=9, refuse_over_memory=True))
+    gateway = start_gateway({
+        "swapper": {"mode": "multi-active", "max_concurrent_models": 3, "memory_budget_gb": 9},
+        "batching": {"window_ms": 0, "min_residency_ms": 0},
+        "backends": {"ollama": {"kind": "ollama", "base_url": ollama.url}},
+        "models": {"a": {"path": "ollama:a:7b", "size_gb": 4},  # really 6
+                   "b": {"path": "ollama:b:7b", "size_gb": 3.5}},  # really 4
+    })
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=ask("a")).status_code == 200
+        shown = model_status(gateway, "a")
+        assert (shown["size_gb"], shown["measured_gb"]) == (4, 6)
+        # By the config, a (4) and b (3.5) fit 9 GB together; a really holds 6: a leaves.
+        assert http.post("/v1/chat/completions", json=ask("b")).status_code == 200
+        assert model_status(gateway, "b")["measured_gb"] == 4
+    state = emulator(ollama)
+    assert state.loaded == frozenset({"b:7b"}) and not state.refused_loads
+    scrape = httpx.get(gateway.url + "/metrics", headers={"accept": "text/plain"}).text
+    assert ('swapper_model_memory_gb{model="b",node="default",source="measured"} 4.0'
+            in scrape)
+    assert 'swapper_node_resident_gb{node="default"} 4.0' in scrape
+
+
+def test_what_a_model_holds_is_remembered_across_restarts(start_gateway: Any, start_server: Any,
+                                                          redis_url: str) -> None:
+    ollama = start_server(ollama_emulator.create_app({"a:7b": 6}, load_delay=0.05))
+    config = {
+        "cache": {"redis_url": redis_url, "namespace": f"test-{uuid.uuid4().hex[:8]}"},
+        "swapper": {"mode": "multi-active", "memory_budget_gb": 24},
+        "backends": {"ollama": {"kind": "ollama", "base_url": ollama.url}},
+        "models": {"a": {"path": "ollama:a:7b", "size_gb": 4}},
+    }
+    first = start_gateway(config)
+    assert httpx.post(first.url + "/v1/chat/completions", json=ask("a"),
+                      timeout=30).status_code == 200
+    assert model_status(first, "a")["measured_gb"] == 6
+    first.stop()
+    httpx.post(ollama.url + "/api/generate", json={"model": "a:7b", "keep_alive": 0})
+    second = start_gateway(config)
+    shown = model_status(second, "a")
+    assert (shown["status"], shown["measured_gb"]) == ("unloaded", 6)  # known before a load
+
+
+def test_a_process_models_gpu_memory_comes_from_nvidia_smi_and_free_memory_makes_room(
+        start_gateway: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 10 GB GPU (10000 MiB): p1 takes 6000 MiB, p2 5000 MiB; the config guesses 2 GB each
+    # and allows 24. Both cannot be resident, whatever the config says.
+    gpu_node(tmp_path, monkeypatch, total_mib=10000, apps={"org/p1": 6000, "org/p2": 5000})
+    gateway = start_gateway(process_node(tmp_path, p1=2, p2=2))
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/models/p2/load").status_code == 200  # measured once: 5000 MiB
+        assert http.post("/models/p2/unload").status_code == 200
+        assert http.post("/v1/chat/completions", json=ask("p1")).status_code == 200
+        shown = model_status(gateway, "p1")
+        assert shown["measured_gb"] == pytest.approx(6000 * 2**20 / 1e9, abs=0.01)
+        node = http.get("/status").json()["nodes"]["gpu"]
+        assert node["free_gb"] == pytest.approx(4000 * 2**20 / 1e9, abs=0.01)
+        # p2 needs 5.2 GB and 4.2 GB are free: p1 leaves first, though the budget has room.
+        assert http.post("/v1/chat/completions", json=ask("p2")).status_code == 200
+        status = http.get("/status").json()
+    assert status["loaded_models"] == ["p2"]
+    actions = [(d["action"], d["model"]) for d in reversed(status["decisions"])]
+    assert actions[-2:] == [("unload", "p1"), ("load", "p2")]
+
+
+def test_without_nvidia_smi_a_process_model_is_measured_by_its_resident_memory(
+        start_gateway: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", os.pathsep.join(
+        d for d in os.environ["PATH"].split(os.pathsep) if not Path(d, "nvidia-smi").exists()))
+    gateway = start_gateway(process_node(tmp_path, p1=0))
+    assert httpx.post(gateway.url + "/v1/chat/completions", json=ask("p1"),
+                      timeout=30).status_code == 200
+    shown = model_status(gateway, "p1")
+    assert shown["measured_gb"] is not None and 0.005 < shown["measured_gb"] < 2  # a Python
+    status = httpx.get(gateway.url + "/status").json()
+    assert status["nodes"]["gpu"]["free_gb"] is None  # no GPU to ask

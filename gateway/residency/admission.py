@@ -26,7 +26,7 @@ from enum import StrEnum
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay.proxy import Target
-from gateway.residency.drivers.base import Driver
+from gateway.residency.drivers.base import Driver, Measured
 from gateway.residency.state import Residency
 from policies.admission import expected_wait
 from policies.rates import ArrivalRate
@@ -81,6 +81,7 @@ class Slot:
     lease_s: float | None = None  # smoothed duration of one lease, for expected waits
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     rate: ArrivalRate = field(default_factory=ArrivalRate)  # requests lately, for placement
+    measured: Measured | None = None  # what it was seen to hold; counts instead of size_gb
 
     @property
     def model(self) -> ModelConfig:
@@ -89,6 +90,11 @@ class Slot:
     @property
     def managed(self) -> bool:
         return self.driver.manages_residency
+
+    @property
+    def size_gb(self) -> float:
+        """What it counts for in its node's budget: measured, else the configured guess."""
+        return self.measured.gb if self.measured is not None else self.residency.model.size_gb
 
     @property
     def has_room(self) -> bool:
@@ -141,7 +147,7 @@ class Slot:
     def view(self, now: float) -> ModelView:
         r = self.residency
         return ModelView(
-            name=r.model.name, state=r.state, size_gb=r.model.size_gb,
+            name=r.model.name, state=r.state, size_gb=self.size_gb,
             priority=r.model.priority, in_flight=self.in_flight, queued=len(self.queue),
             oldest_wait_since=self.queue[0].enqueued_at if self.queue else None,
             loaded_at=r.loaded_since, last_used=self.last_used,

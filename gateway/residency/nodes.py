@@ -14,7 +14,8 @@ a node take its lock (`Lane.backends`, every managed backend on it) before they 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from gateway.config.schema import GatewayConfig, NodeConfig
 from policies.types import Budget, ModelView
@@ -29,7 +30,10 @@ class Lane:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one swap at a time on the node
     views: dict[str, ModelView] = field(default_factory=dict)  # the last plan's snapshot
     backends: tuple[str, ...] = ()  # the managed backends on it: what a swap locks
-    free_gb: float | None = None  # free GPU memory, where the node can tell
+    free_gb: float | None = None  # free GPU memory at the last reading, where it can be read
+    # What the node can really hold for the gateway: what it held plus what was free, at the
+    # last reading (another program on the GPU shrinks it below the configured budget).
+    capacity_gb: float | None = None
 
     @property
     def name(self) -> str:
@@ -38,6 +42,19 @@ class Lane:
     @property
     def budget(self) -> Budget:
         return self.config.budget()
+
+    def saw_free(self, free_gb: float, resident_gb: float) -> None:
+        self.free_gb = free_gb
+        self.capacity_gb = free_gb + resident_gb
+
+    def room(self) -> Budget:
+        """The budget the policy plans with: the configured one, shrunk to the memory the node
+        really has when its free memory can be read."""
+        budget = self.budget
+        if self.capacity_gb is None:
+            return budget
+        memory = min(budget.memory_gb or math.inf, self.capacity_gb)
+        return replace(budget, memory_gb=memory)
 
 
 def lanes_for(config: GatewayConfig, managed: set[str],

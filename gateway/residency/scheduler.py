@@ -43,6 +43,7 @@ from gateway.residency.admission import (
 from gateway.residency.coordination import Coordinator, LocalCoordinator
 from gateway.residency.decisions import Decision, DecisionLog
 from gateway.residency.drivers.base import Driver, DriverError
+from gateway.residency.memory import Meter, book_for
 from gateway.residency.nodes import Lane, lanes_for
 from gateway.residency.reconcile import Truth
 from gateway.residency.snapshot import DecisionStatus, ModelStatus, NodeStatus, SchedulerStatus
@@ -56,6 +57,7 @@ from policies.types import ModelView, State
 log = structlog.get_logger("gateway.scheduler")
 
 RECONCILE_INTERVAL_S = 10.0
+_ROOM_SLACK_GB = 0.05  # a reading of free memory is rounded to MiB; do not refuse for that
 DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
 
 
@@ -76,6 +78,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.lanes: dict[str, Lane] = {}  # one per node: its budget and its swap lane
+        self.meter = Meter(book_for(config))  # what models really hold, kept across restarts
         self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
         self.apply(config, catalog, drivers)
 
@@ -92,6 +95,7 @@ class Scheduler:
             slot = self.slots.get(name)
             if slot is None:
                 slot = self.slots[name] = Slot(Residency(model), drivers[model.backend])
+                slot.measured = self.meter.recall(model)
                 slot.idle.set()
                 if not slot.managed:
                     slot.residency.found(self.clock(), time.time())
@@ -249,7 +253,7 @@ class Scheduler:
         managed = {name: slot for name, slot in self.slots.items()
                    if slot.managed and slot.node == lane.name}
         lane.views = {name: self._view(slot, now) for name, slot in managed.items()}
-        plan = decide(lane.views, lane.budget, self.config.batching, now)
+        plan = decide(lane.views, lane.room(), self.config.batching, now)
         execute(plan, _NodeBox(self, lane), managed)
         return plan.wake_at
 
@@ -313,7 +317,9 @@ class Scheduler:
                 if load is not None and not turn.lock:
                     log.info("scheduler.swap_deferred", load=load, reason="node lock lost")
                 elif load is not None and not still_resident:
-                    await self._load(self.slots[load])
+                    if await self._room_for(lane, self.slots[load]):
+                        await self._load(self.slots[load])
+                        await self._measure(lane)
                 elif load is not None:
                     log.info("scheduler.swap_deferred", load=load, busy=still_resident)
         finally:
@@ -411,7 +417,9 @@ class Scheduler:
             name=model.name, model=model.public_name, backend=model.backend, node=slot.node,
             managed=slot.managed, state=r.state, admission=slot.admission.value,
             queue=len(slot.queue), in_flight=slot.in_flight, request_count=slot.request_count,
-            load_count=r.load_count, size_gb=model.size_gb, measured_gb=None,
+            load_count=r.load_count, size_gb=model.size_gb,
+            measured_gb=slot.measured.gb if slot.measured else None,
+            measured_source=slot.measured.source if slot.measured else None,
             priority=model.priority, loaded_at=r.loaded_at, unloaded_at=r.unloaded_at,
             last_used=wall_of(slot.last_used) if slot.last_used else None,
             uptime_s=r.uptime_s(now), ttl_expires_at=wall_of(_ttl_due(view)),
@@ -490,10 +498,65 @@ class Scheduler:
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL_S)
             await self.reconcile()
+            changed = [await self._measure(lane) for lane in list(self.lanes.values())]
+            if any(changed):
+                self.wake()  # a figure the budget counts moved: worth a decision
+
+    # -- measured memory -------------------------------------------------------------------
+
+    async def _measure(self, lane: Lane) -> bool:
+        """What the node's resident models hold, and what its GPUs have free; True if news."""
+        changed = False
+        for driver in self._drivers_of(lane):
+            slots = [s for s in self.slots.values() if s.driver is driver]
+            changed |= await self.meter.measure(driver, slots)
+        free = await self._free_gb(lane)
+        if free is not None:
+            lane.saw_free(free, self._resident_gb(lane))
+        return changed
+
+    async def _room_for(self, lane: Lane, slot: Slot) -> bool:
+        """Where the node's free memory can be read, whether what the model needs is free;
+        if not, the node's room shrinks to what it really has and the policy decides again
+        (evicting more)."""
+        free = await self._free_gb(lane)
+        if free is None:
+            return True
+        lane.saw_free(free, self._resident_gb(lane))
+        need = slot.size_gb
+        if need <= free + _ROOM_SLACK_GB:
+            return True
+        log.info("scheduler.swap_deferred", node=lane.name, load=slot.model.name,
+                 reason="not enough free memory", needs_gb=round(need, 2),
+                 free_gb=round(free, 2))
+        return False
+
+    async def _free_gb(self, lane: Lane) -> float | None:
+        for driver in self._drivers_of(lane):
+            try:
+                free = await driver.free_gb()
+            except (DriverError, TimeoutError):
+                continue
+            if free is not None:
+                return free  # the node's drivers share its GPUs: one reading is the node's
+        return None
+
+    def _drivers_of(self, lane: Lane) -> list[Driver]:
+        drivers = {id(self.drivers[b]): self.drivers[b] for b in lane.backends
+                   if b in self.drivers}
+        return list(drivers.values())
+
+    def _resident_gb(self, lane: Lane) -> float:
+        holding = (State.LOADED, State.LOADING, State.UNLOADING)
+        return sum(s.size_gb for s in self.slots.values()
+                   if s.managed and s.node == lane.name and s.residency.state in holding)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.meter.start()
+        for slot in self.slots.values():
+            slot.measured = slot.measured or self.meter.recall(slot.model)
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.start(self.model_lost)
         await self.coordinator.start(self.truth.on_notice)
@@ -518,6 +581,7 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.coordinator.close()
+        await self.meter.book.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
             await driver.close()
 

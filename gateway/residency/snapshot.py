@@ -37,6 +37,7 @@ class ModelStatus:
     load_count: int
     size_gb: float  # what the config says (a first guess when the memory is measured)
     measured_gb: float | None  # what the backend was seen to hold after a load, if known
+    measured_source: str | None  # ollama (its /api/ps) | nvidia-smi | rss
     priority: str
     loaded_at: float | None  # wall clock
     unloaded_at: float | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.config.schema import BackendConfig, ModelConfig
@@ -23,6 +24,15 @@ class DriverError(Exception):
         self.message = message
         self.detail = detail or message
         self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a resident model really holds, as its backend or host reports it."""
+
+    gb: float  # all of its memory: what the node's budget counts
+    source: str  # where the figure comes from: "ollama", "nvidia-smi", "rss"
+    gpu_gb: float | None = None  # the part in GPU memory, where it is told apart (Ollama)
 
 
 # Called by a driver when a model it had loaded went away by itself (crash, backend eviction).
@@ -52,6 +62,12 @@ class Driver(Protocol):
 
     async def health(self) -> bool:
         """Whether the backend answers at all."""
+
+    async def measure(self) -> dict[str, Measured] | None:
+        """What each resident model (by name) really holds; None if the backend cannot tell."""
+
+    async def free_gb(self) -> float | None:
+        """Free memory on the backend's node (its GPUs), where it can be read; else None."""
 
     def after_request(self, model: ModelConfig) -> None:
         """A request for `model` has ended (its lease was released); never blocks. Drivers

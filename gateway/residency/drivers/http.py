@@ -11,7 +11,7 @@ import orjson
 from gateway.config.schema import BackendConfig, ModelConfig
 from gateway.redaction import public_line
 from gateway.relay.upstream import Upstreams
-from gateway.residency.drivers.base import DriverError, LostCallback
+from gateway.residency.drivers.base import DriverError, LostCallback, Measured
 
 # Refusals that may pass by themselves; any other 4xx stays until an operator acts (a model
 # Ollama has not pulled, a vLLM started without sleep mode).
@@ -106,6 +106,12 @@ class HttpDriver:
 
     def after_request(self, model: ModelConfig) -> None:
         pass
+
+    async def measure(self) -> dict[str, Measured] | None:
+        return None  # a server that does not say what its models hold
+
+    async def free_gb(self) -> float | None:
+        return None  # on another host, most likely: this host's GPUs say nothing of it
 
     async def close(self) -> None:
         pass

@@ -24,7 +24,7 @@ import structlog
 
 from gateway.config.schema import ModelConfig
 from gateway.redaction import public_line
-from gateway.residency.drivers.base import DriverError, LostCallback
+from gateway.residency.drivers.base import DriverError, LostCallback, Measured
 from gateway.residency.drivers.http import HttpDriver
 
 log = structlog.get_logger(__name__)
@@ -149,8 +149,17 @@ class OllamaDriver(HttpDriver):
                 log.info("ollama.pin_lost", model=name, expires_at=expires_at)
                 self._pin_soon(model)
 
+    async def measure(self) -> dict[str, Measured]:
+        """/api/ps says what each model holds: `size` in all, `size_vram` of it on the GPU."""
+        return {name: _measured(entry) for name, entry in (await self._running()).items()}
+
     async def _expiries(self) -> dict[str, str]:
         """Our resident models (by name) with their `expires_at` as Ollama reports it."""
+        return {name: str(entry.get("expires_at", ""))
+                for name, entry in (await self._running()).items()}
+
+    async def _running(self) -> dict[str, dict[str, Any]]:
+        """Our resident models (by name) with what /api/ps says of each."""
         answer = await self._call("GET", "/api/ps", limit_s=10)
         if not isinstance(answer, dict) or not isinstance(answer.get("models"), list):
             raise DriverError("Ollama's /api/ps gave an unexpected answer",
@@ -159,8 +168,8 @@ class OllamaDriver(HttpDriver):
         found = {}
         for entry in answer["models"]:
             served = canonical(str(entry.get("name") or entry.get("model")))
-            if served in by_served:
-                found[by_served[served]] = str(entry.get("expires_at", ""))
+            if served in by_served and isinstance(entry, dict):
+                found[by_served[served]] = entry
         return found
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -177,6 +186,13 @@ def _pin_body(model: ModelConfig) -> dict[str, Any]:
     if model.num_ctx:
         body["options"] = {"num_ctx": model.num_ctx}
     return body
+
+
+def _measured(entry: dict[str, Any]) -> Measured:
+    size, vram = entry.get("size"), entry.get("size_vram")
+    gb = float(size) / 1e9 if isinstance(size, int | float) else 0.0
+    gpu = float(vram) / 1e9 if isinstance(vram, int | float) else None
+    return Measured(gb, "ollama", gpu)
 
 
 def _forever(expires_at: str) -> bool:

@@ -24,7 +24,8 @@ import structlog
 
 from gateway.config.schema import BackendConfig, ModelConfig
 from gateway.redaction import first_meaningful, mask_argv
-from gateway.residency.drivers.base import DriverError, LostCallback
+from gateway.residency.drivers import gpu
+from gateway.residency.drivers.base import DriverError, LostCallback, Measured
 from gateway.residency.drivers.http import answers
 from gateway.residency.drivers.process_guard import Registry, Watchdog, die_with_gateway
 
@@ -210,6 +211,21 @@ class ProcessDriver:
 
     async def health(self) -> bool:
         return True  # no shared server: each model's process is its own health
+
+    async def measure(self) -> dict[str, Measured]:
+        """Each serving model's process group: its GPU memory (nvidia-smi), else its RSS."""
+        serving = [(name, p.pid) for name, p in self._processes.items() if p.serving]
+        if not serving:
+            return {}
+        used = await gpu.gpu_used_mib()
+        found = {}
+        for name, pid in serving:
+            if (held := gpu.footprint(pid, used)) is not None:
+                found[name] = Measured(held.gb, held.source)
+        return found
+
+    async def free_gb(self) -> float | None:
+        return await gpu.free_gb()  # the servers run on this host: its GPUs are the node's
 
     async def close(self) -> None:
         processes = list(self._processes.values())
