@@ -229,7 +229,7 @@ def _model_row(route: RouteRow, view: PageView, colours: dict[str, str]) -> dict
         "Last used": _td(escape(ago(m.last_used, now))),
         "Idle unload": _td(escape(_idle_unload(route, now))),
         "Last load": _num(load_time(m.last_load_s) + loads),
-        "Memory": _num(escape(_memory(route))), "Error": _td(_error(m.name, m.error), "error"),
+        "Memory": _num(_memory(route)), "Error": _td(_error(m.name, m.error), "error"),
         "Actions": _td(_actions(route), "actions"),
     }
 
@@ -273,10 +273,14 @@ def _idle_unload(route: RouteRow, now: float) -> str:
 
 
 def _memory(route: RouteRow) -> str:
+    """What it holds: measured where the backend tells (and the config's guess when that was
+    more than 5% off), else its configured size_gb."""
     m = route.status
-    if m.measured_gb is not None:
-        return f"{gigabytes(m.measured_gb)} measured ({gigabytes(m.size_gb)} configured)"
-    return gigabytes(m.size_gb) if m.size_gb else BLANK
+    if m.measured_gb is None:
+        return gigabytes(m.size_gb) if m.size_gb else BLANK
+    off = m.size_gb and abs(m.measured_gb - m.size_gb) > 0.05 * m.size_gb
+    note = f"measured, {gigabytes(m.size_gb)} configured" if off else "measured"
+    return f"{gigabytes(m.measured_gb)} <span class=sub>{note}</span>"
 
 
 def _error(name: str, error: str | None) -> str:
