@@ -22,8 +22,8 @@ from tests.emulators import ollama as ollama_emulator
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "swapper-gateway.json"
 VARIABLES = {"$__rate_interval": "5m", "$model": ".*", "$node": ".*"}
-# Exported with a value only where a backend reports memory (none of the emulated ones does):
-# declared in /metrics, without samples here.
+# Exported with a value only where the backend can tell (what a load measured, the node's free
+# GPU memory): declared in /metrics, with or without samples here.
 MEASURED_ONLY = {"swapper_node_measured_gb", "swapper_node_free_gb"}
 
 

@@ -279,8 +279,9 @@ def _memory(route: RouteRow) -> str:
     if m.measured_gb is None:
         return gigabytes(m.size_gb) if m.size_gb else BLANK
     off = m.size_gb and abs(m.measured_gb - m.size_gb) > 0.05 * m.size_gb
-    note = f"measured, {gigabytes(m.size_gb)} configured" if off else "measured"
-    return f"{gigabytes(m.measured_gb)} <span class=sub>{note}</span>"
+    by = f" by {m.measured_source}" if m.measured_source else ""
+    note = f"measured{by}" + (f", {gigabytes(m.size_gb)} configured" if off else "")
+    return f"{gigabytes(m.measured_gb)} <span class=sub>{escape(note)}</span>"
 
 
 def _error(name: str, error: str | None) -> str:
