@@ -283,6 +283,17 @@ def test_a_node_killed_its_model_is_served_from_the_other(start_gateway: Any, do
         assert (shown["serving_backend"], shown["status"]) == ("ollama-b", "loaded")
 
 
+def test_a_load_that_fails_on_one_node_is_served_from_the_other(
+        start_gateway: Any, node_a: Any, node_b: Any) -> None:
+    emulator(node_a).load_errors["both:7b"] = "llama runner process has terminated"
+    gateway = start_gateway(with_both(two_nodes(node_a.url, node_b.url)))
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json=ask("both"), timeout=30)
+    assert answer.status_code == 200, answer.text  # placed on a, failed there, served by b
+    assert emulator(node_b).requests["both:7b"] == 1
+    routes = httpx.get(gateway.url + "/status").json()["models"]["both"]["routes"]
+    assert routes == {"ollama-a": "failed", "ollama-b": "loaded"}
+
+
 def test_a_node_that_returns_is_reconciled_with_what_it_holds(
         start_gateway: Any, start_server: Any, doomed_a: Any, node_b: Any) -> None:
     config = two_nodes(doomed_a.url, node_b.url)

@@ -39,6 +39,7 @@ class Fallback:
         self.scheduler = scheduler
         self.drivers = drivers
         self.health = health
+        scheduler.reroute = self.reroute  # a failed load of a placed model tries elsewhere
 
     def choose(self, model: ModelConfig, status: SchedulerStatus | None = None) -> ModelConfig:
         """The route that serves `model` now (`status`: a snapshot the caller already has)."""
@@ -49,6 +50,15 @@ class Fallback:
         if model.placed:
             return routes[self._place(routes, status).index]
         return routes[choose_route([self._view(route, status) for route in routes])]
+
+    def reroute(self, route: ModelConfig) -> ModelConfig | None:
+        """Where a placed model's requests go when its load on `route` just failed: the route
+        placement picks now (the failed one backs off, so it is out), or None if that is it."""
+        public = self._catalog().get(route.public_name)
+        if public is None or not public.placed:
+            return None  # `fallback:` and single routes fail as they always did
+        chosen = self.choose(public)
+        return None if chosen.name == route.name else chosen
 
     def _place(self, routes: list[ModelConfig], status: SchedulerStatus) -> Placement:
         shown = [status.models[route.name] for route in routes if route.name in status.models]

@@ -80,6 +80,8 @@ class Scheduler:
         self.lanes: dict[str, Lane] = {}  # one per node: its budget and its swap lane
         self.meter = Meter(book_for(config))  # what models really hold, kept across restarts
         self.on_loaded: Callable[[str, float], None] | None = None  # (model, seconds), metrics
+        # Another route for a placed model whose load failed (route choice sets it), or None.
+        self.reroute: Callable[[ModelConfig], ModelConfig | None] | None = None
         self.apply(config, catalog, drivers)
 
     def apply(self, config: GatewayConfig, catalog: Catalog,
@@ -373,7 +375,27 @@ class Scheduler:
         r.load_failed(self.clock(), error, retry_in, retryable)
         log.warning("model.load_failed", model=r.model.name, error=error,
                     retry_in_s=round(retry_in, 1), failures=r.failures)
-        self._fail_queue(slot, load_failed(r.model.name, error, retry_in, retryable))
+        if not self._reroute_queue(slot):
+            self._fail_queue(slot, load_failed(r.model.name, error, retry_in, retryable))
+
+    def _reroute_queue(self, slot: Slot) -> bool:
+        """A placed model's load failed on this route (its node down, say): its waiters move to
+        the route placement picks now, if there is another, rather than failing."""
+        other = self.reroute(slot.model) if self.reroute is not None and slot.queue else None
+        if other is None or other.name not in self.slots or other.name == slot.model.name:
+            return False
+        target = self.slots[other.name]
+        moved = 0
+        while slot.queue:
+            waiter = slot.queue.popleft()
+            if not waiter.future.done():
+                waiter.model = other.name
+                target.queue.append(waiter)
+                moved += 1
+        log.info("scheduler.rerouted", model=slot.model.name, to=other.name, node=target.node,
+                 waiters=moved)
+        self.wake()
+        return True
 
     async def _unload(self, slot: Slot, reason: str = "") -> None:
         r = slot.residency
