@@ -23,10 +23,12 @@ COPY --from=build /opt/venv /opt/venv
 # The old service's example config, so the image starts on its own; mount your own over it.
 COPY examples/swapper_config.yaml /etc/swapper/swapper_config.yaml
 # pip compiled the bytecode at build time; the root filesystem may be read-only at run time.
+# The state directory (the process groups of model servers it started) must be writable.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SWAPPER_CONFIG_PATH=/etc/swapper/swapper_config.yaml \
+    SWAPPER_STATE_DIR=/tmp/swapper-gateway \
     SWAPPER_HEALTH_URL=http://127.0.0.1:8890/health
 USER 10001:10001
 EXPOSE 8890

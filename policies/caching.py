@@ -29,7 +29,7 @@ _IGNORED_FIELDS = frozenset(
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 # The longest lifetime a stored answer may get, whatever a client's `X-Cache-TTL` or `max-age`
 # asks: Redis refuses an expiry beyond 64-bit milliseconds, and one client must not be able to
-# make the cache's writes fail for everyone. (`cache.max_ttl_s` once the config has it.)
+# make the cache's writes fail for everyone. (`cache.max_ttl_s` sets it.)
 MAX_TTL_S = 30 * 24 * 3600.0
 # Cache keys live in a key space of their own under the namespace, beside the replicas'
 # coordination keys (`<namespace>:coord:...`), so that purging the cache never touches those.

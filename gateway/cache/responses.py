@@ -25,7 +25,7 @@ from gateway.cache.replay import (
 from gateway.cache.store import CacheStore, open_store
 from gateway.calls.parse import ApiCall
 from gateway.config.schema import CacheConfig, ModelConfig
-from policies.caching import MAX_TTL_S, CacheDecision, cache_decision, cache_key, key_prefix
+from policies.caching import CacheDecision, cache_decision, cache_key, key_prefix
 
 log = structlog.get_logger("gateway.cache")
 
@@ -56,8 +56,7 @@ class ResponseCache:
             call.endpoint, call.body, headers,
             model_enabled=self.config.enabled and model.cache_enabled,
             default_ttl_s=self.config.ttl_s,
-            # Until the config schema has `cache.max_ttl_s`, the policy's own limit holds.
-            max_ttl_s=getattr(self.config, "max_ttl_s", MAX_TTL_S),
+            max_ttl_s=self.config.max_ttl_s,
         )
         if decision.bypass:
             self.outcomes["BYPASS"] += 1

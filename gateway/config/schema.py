@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from policies.caching import MAX_TTL_S
 from policies.eviction import fits_at_all
 from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView
 
@@ -151,11 +152,14 @@ class NodeConfig:
     mode: str = "multi-active"
     max_concurrent_models: int | None = None  # multi-active: None = as many as memory allows
     memory_budget_gb: float | None = None
+    # Host RAM for models put to sleep (vLLM sleep level 1 keeps their weights there); beyond
+    # it they are unloaded fully. None: no limit.
+    host_memory_gb: float | None = None
 
     def budget(self) -> Budget:
-        if self.mode == "single-active":
-            return Budget(max_models=1, memory_gb=self.memory_budget_gb)
-        return Budget(max_models=self.max_concurrent_models, memory_gb=self.memory_budget_gb)
+        models = 1 if self.mode == "single-active" else self.max_concurrent_models
+        return Budget(max_models=models, memory_gb=self.memory_budget_gb,
+                      host_memory_gb=self.host_memory_gb)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ class CacheConfig:
     namespace: str = "swapper"
     enabled: bool = True
     redis_timeout_s: float = 0.05  # one Redis call; slower counts as Redis being down
+    # The longest lifetime a client's X-Cache-TTL may ask for: a huge one would make Redis
+    # refuse the write.
+    max_ttl_s: float = MAX_TTL_S
 
 
 @dataclass(frozen=True)
@@ -709,6 +716,7 @@ def _cache(reader: _Reader, data: Mapping[str, Any]) -> CacheConfig:
         namespace=reader.get(section, "namespace", "cache", str, d.namespace),
         enabled=reader.get(section, "enabled", "cache", bool, d.enabled),
         redis_timeout_s=reader.get(section, "redis_timeout_s", "cache", float, d.redis_timeout_s),
+        max_ttl_s=reader.get(section, "max_ttl_s", "cache", float, d.max_ttl_s),
     )
 
 
@@ -864,8 +872,10 @@ def _node(reader: _Reader, name: str, data: Any) -> NodeConfig:
         mode=reader.choice(data, "mode", path, _MODES, "multi-active"),
         max_concurrent_models=_positive_int(reader, data, "max_concurrent_models", path),
         memory_budget_gb=reader.get(data, "memory_budget_gb", path, float, None),
+        host_memory_gb=reader.get(data, "host_memory_gb", path, float, None),
     )
     reader.positive(node.memory_budget_gb, _join(path, "memory_budget_gb"), allow_zero=False)
+    reader.positive(node.host_memory_gb, _join(path, "host_memory_gb"))
     return node
 
 
