@@ -34,6 +34,7 @@ from policies.execution import execute
 from policies.placement import NodeView, RouteOption, place
 from policies.rates import ArrivalRate
 from policies.scheduling import decide, decide_fifo
+from policies.tiers import host_gb
 from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
 _STAYING = (State.LOADED, State.LOADING)
@@ -53,6 +54,7 @@ class SimModel:
     ttl_s: float = 0.0  # unloaded after this long idle; 0 = never
     failing_loads: int = 0  # its first loads fail (a backend still starting, say)
     routes: tuple[str, ...] = ()  # the nodes that may serve it, its pinned one first; () = all
+    wake_seconds: float | None = None  # it can sleep (vLLM level 1) and wakes in this long
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class _Model:
     failures: int = 0  # in a row
     retry_at: float | None = None
     rate: ArrivalRate = field(default_factory=lambda: ArrivalRate())
+    asleep: bool = False  # put to sleep: its next load is a wake
 
     @property
     def in_flight(self) -> int:
@@ -166,11 +169,20 @@ class _Model:
             loaded_at=self.loaded_at,
             last_used=self.last_used,
             admitting=self.admitting,
-            load_seconds=self.load_seconds,
+            load_seconds=self.next_load_seconds,
             retry_at=self.retry_at if self.state is State.FAILED else None,
             ttl_s=self.spec.ttl_s,
             rate_per_s=self.rate.per_s(now),
+            wake_seconds=self.spec.wake_seconds,
+            asleep=self.asleep,
         )
+
+    @property
+    def next_load_seconds(self) -> float:
+        """A wake for a model asleep, else a load."""
+        if self.asleep and self.spec.wake_seconds is not None:
+            return self.spec.wake_seconds
+        return self.load_seconds
 
 
 @dataclass
@@ -202,9 +214,10 @@ class _LaneBox:
     def swap_running(self) -> bool:
         return any(m.state in _MOVING for m in self.lane.models.values())
 
-    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
-        """Unload the victims, then load once they are gone."""
-        self.simulation.begin_swap(self.lane, evict, load)
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str,
+                   sleep: tuple[str, ...] = ()) -> None:
+        """Unload the victims (or put them to sleep), then load once they are gone."""
+        self.simulation.begin_swap(self.lane, evict, load, sleep)
 
 
 class _Simulation:
@@ -353,9 +366,10 @@ class _Simulation:
         execute(plan, box, lane.models)
         self._check_budget(lane)
 
-    def begin_swap(self, lane: _Lane, evict: tuple[str, ...], load: str | None) -> None:
+    def begin_swap(self, lane: _Lane, evict: tuple[str, ...], load: str | None,
+                   sleep: tuple[str, ...] = ()) -> None:
         for name in evict:
-            self._evict(lane.models[name])
+            self._evict(lane.models[name], asleep=name in sleep)
         if load is not None:
             self._load(lane.models[load], after=self.scenario.unload_seconds if evict else 0.0)
 
@@ -373,24 +387,31 @@ class _Simulation:
         others = [(m.queue[0].arrival, m.name) for m in lane.models.values() if m.queue]
         return min((o for o in others if o[1] != model.name), default=_NEVER)
 
-    def _evict(self, model: _Model) -> None:
+    def _evict(self, model: _Model, asleep: bool = False) -> None:
         if model.state is not State.LOADED or model.in_flight:
             raise InvalidPlan(f"evict {model.name}: {model.state}, {model.in_flight} busy")
-        model.state = State.UNLOADING
+        if asleep and model.spec.wake_seconds is None:
+            raise InvalidPlan(f"sleep {model.name}: it cannot sleep")
+        model.state, model.asleep = State.UNLOADING, asleep
         self._at(self.clock + self.scenario.unload_seconds, "unloaded", model.name)
 
     def _load(self, model: _Model, after: float) -> None:
         if model.state not in (State.UNLOADED, State.FAILED):
             raise InvalidPlan(f"load {model.name} while {model.state}")
         model.state = State.LOADING
-        self.loading_s += model.load_seconds
-        self._at(self.clock + after + model.load_seconds, "loaded", model.name)
+        took = model.next_load_seconds
+        model.asleep = False
+        self.loading_s += took
+        self._at(self.clock + after + took, "loaded", model.name)
 
     def _check_budget(self, lane: _Lane) -> None:
         """Once the evictions finish, what stays and what loads must fit the node's budget."""
         staying = [m.view() for m in lane.models.values() if m.state in _STAYING]
         if not fits_together(staying, lane.node.budget):
             raise InvalidPlan(f"over budget on {lane.node.name}: {[m.name for m in staying]}")
+        asleep = host_gb({m.name: m.view() for m in lane.models.values()})
+        if asleep > (lane.node.budget.host_memory_gb or math.inf) + 1e-9:
+            raise InvalidPlan(f"over the host budget on {lane.node.name}: {asleep:g} GB asleep")
 
 
 # -- placement: which route a request for a model that has several goes to --------------------

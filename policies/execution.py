@@ -18,7 +18,8 @@ class Box(Protocol):
 
     def swap_running(self) -> bool: ...
 
-    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None: ...
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str,
+                   sleep: tuple[str, ...] = ()) -> None: ...
 
 
 def execute(plan: Plan, box: Box, managed: Iterable[str]) -> None:
@@ -29,4 +30,4 @@ def execute(plan: Plan, box: Box, managed: Iterable[str]) -> None:
     for name in plan.admit:
         box.admit(name)
     if (plan.evict or plan.load) and not box.swap_running():
-        box.begin_swap(plan.evict, plan.load, plan.reason)
+        box.begin_swap(plan.evict, plan.load, plan.reason, plan.sleep)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from policies.eviction import choose_victims, fits_at_all, fits_beside
 from policies.scheduling import protected
+from policies.tiers import reload_seconds
 from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView, State
 
 
@@ -117,9 +118,10 @@ def _victim_cost(victim: ModelView) -> float:
     or in flight now, and those its recent rate brings within one reload; plus the reload
     itself, since an evicted model that was used is likely wanted again."""
     weight = PRIORITY_WEIGHT.get(victim.priority, 1.0)
-    coming = victim.rate_per_s * victim.load_seconds
+    reload = reload_seconds(victim)  # a wake, for a model that can sleep
+    coming = victim.rate_per_s * reload
     demand = (victim.queued + victim.in_flight + coming) * weight
-    return (demand + 1.0) * victim.load_seconds
+    return (demand + 1.0) * reload
 
 
 def _usable(route: RouteOption, nodes: Mapping[str, NodeView], now: float) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from policies.eviction import choose_victims, fits_at_all, fits_beside, is_idle
+from policies.tiers import with_sleep
 from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView, Plan, State
 
 Models = Mapping[str, ModelView]
@@ -21,12 +22,15 @@ _TRANSITION = "waiting for a load or unload to finish"
 
 
 def decide(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
-    """The swap-aware plan, with idle models past their ttl unloaded when no swap is due."""
-    return with_idle_ttl(_decide(models, budget, config, now), models, now)
+    """The swap-aware plan, with idle models past their ttl unloaded when no swap is due, and
+    the victims that can sleep put to sleep while host memory allows (`policies.tiers`)."""
+    plan = with_idle_ttl(_decide(models, budget, config, now), models, now)
+    return with_sleep(plan, models, budget)
 
 
 def decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
-    """The arrival-order plan, with the same idle-ttl unloads."""
+    """The arrival-order plan, with the same idle-ttl unloads; its victims are unloaded, never
+    put to sleep (no arrival-order proxy has that tier)."""
     return with_idle_ttl(_decide_fifo(models, budget, config, now), models, now)
 
 

@@ -24,6 +24,7 @@ class Budget:
 
     max_models: int | None = None
     memory_gb: float | None = None
+    host_memory_gb: float | None = None  # host RAM for models put to sleep; None: no limit
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class ModelView:
     retry_at: float | None = None  # a failed model may not be loaded before this
     ttl_s: float = 0.0  # unloaded after this long idle; 0 = never
     rate_per_s: float = 0.0  # requests per second lately (placement's measure of demand)
+    # The sleep tier (vLLM sleep level 1: weights in host RAM). `wake_seconds` is None for a
+    # model that cannot sleep, else the estimate of one wake; `asleep`: unloaded to host RAM,
+    # so its next load is a wake (and `load_seconds` says as much).
+    wake_seconds: float | None = None
+    asleep: bool = False
 
     @property
     def resident(self) -> bool:
@@ -79,6 +85,8 @@ class Plan:
 
     load: model to load once `evict` are unloaded (it fits then); None while any model moves.
     evict: idle loaded models to unload now (never one with in_flight > 0).
+    sleep: those of `evict` put to sleep (their weights kept in host RAM, a wake away) rather
+        than unloaded.
     drain: every loaded model that must not admit now (new requests queue, in-flight ones
         finish) so that it can be evicted later; a drain lasts while the plans keep naming it.
     admit: loaded models whose queued requests are released now; one may also be in `drain`
@@ -89,6 +97,7 @@ class Plan:
 
     load: str | None = None
     evict: tuple[str, ...] = ()
+    sleep: tuple[str, ...] = ()
     drain: tuple[str, ...] = ()
     admit: tuple[str, ...] = ()
     wake_at: float | None = None

@@ -463,3 +463,43 @@ def test_without_nvidia_smi_a_process_model_is_measured_by_its_resident_memory(
     assert shown["measured_gb"] is not None and 0.005 < shown["measured_gb"] < 2  # a Python
     status = httpx.get(gateway.url + "/status").json()
     assert status["nodes"]["gpu"]["free_gb"] is None  # no GPU to ask
+
+
+# -- residency tiers: sleep ------------------------------------------------------------------------
+
+
+def test_a_node_puts_models_to_sleep_while_its_host_memory_holds_them(
+        start_gateway: Any, start_server: Any) -> None:
+    from tests.emulators import openai_server as vllm_emulator
+
+    servers = {name: start_server(vllm_emulator.create_app(
+        [f"org/{name}"], sleep_mode=True, asleep=True, wake_delay=0.05, sleep_delay=0.01))
+        for name in ("s1", "s2", "s3")}
+    gateway = start_gateway({
+        "batching": {"window_ms": 0, "min_residency_ms": 0},
+        # One model on the GPU at a time; host RAM for one asleep (8 GB each).
+        "nodes": {"gpu": {"mode": "single-active", "memory_budget_gb": 16,
+                          "host_memory_gb": 8}},
+        "backends": {name: {"kind": "vllm-sleep", "base_url": server.url, "node": "gpu"}
+                     for name, server in servers.items()},
+        "models": {name: {"backend": name, "served_name": f"org/{name}", "size_gb": 8}
+                   for name in servers},
+    })
+    states = {name: emulator(server) for name, server in servers.items()}
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        for name in ("s1", "s2"):
+            assert http.post("/v1/chat/completions", json=ask(name)).status_code == 200
+        assert (states["s1"].sleeping, states["s1"].sleep_level) == (True, 1)  # asleep, kept
+        assert http.post("/v1/chat/completions", json=ask("s3")).status_code == 200
+        assert (states["s2"].sleeping, states["s2"].sleep_level) == (True, 2)  # host RAM full
+        status = http.get("/status").json()
+        node = status["nodes"]["gpu"]
+        assert (node["asleep_models"], node["host_gb"], node["resident_models"]) == (
+            ["s1"], 8, ["s3"])
+        assert status["models"]["s1"]["asleep"] and not status["models"]["s2"]["asleep"]
+        actions = [(d["action"], d["model"]) for d in reversed(status["decisions"])]
+        assert ("sleep", "s1") in actions and ("unload", "s2") in actions
+        # s1 wakes; its wake is timed on its own.
+        assert http.post("/v1/chat/completions", json=ask("s1")).status_code == 200
+        woke = http.get("/models/s1").json()
+        assert woke["last_wake_seconds"] is not None and woke["status"] == "loaded"

@@ -184,6 +184,8 @@ class SwapperApi:
                 "backends": list(node.backends),
                 "resident_models": [m for m in node.resident if m in visible],
                 "resident_gb": round(node.resident_gb, 3),
+                "asleep_models": [m for m in node.asleep if m in visible],
+                "host_gb": round(node.host_gb, 3),
                 "measured_gb": node.measured_gb,
                 "free_gb": node.free_gb,
                 "swapping": node.swapping,
@@ -217,6 +219,7 @@ class SwapperApi:
             "node": m.node,
             "nodes": {route.backend: route.node for route in shown.routes},
             "measured_gb": m.measured_gb,
+            "asleep": m.asleep,
         }
 
     def _describe(self, shown: _Shown) -> dict[str, Any]:
@@ -240,6 +243,8 @@ class SwapperApi:
             "error": m.error,
             "node": m.node,
             "measured_gb": m.measured_gb,
+            "asleep": m.asleep,
+            "last_wake_seconds": m.last_wake_s,
         }
 
     @staticmethod

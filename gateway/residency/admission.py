@@ -34,6 +34,7 @@ from policies.types import ModelView, State
 
 HOLD_S = 60.0  # a hold outlives a replica that died mid-swap by this much at most
 _LEASE_SMOOTHING = 0.2  # weight of the newest lease in the mean lease time
+_FIRST_LOAD_S = 5.0  # what a load is expected to take before one has been timed
 
 
 class Admission(StrEnum):
@@ -90,6 +91,11 @@ class Slot:
     @property
     def managed(self) -> bool:
         return self.driver.manages_residency
+
+    @property
+    def sleeps(self) -> bool:
+        """Its backend can put it to sleep (weights to host RAM) instead of unloading it."""
+        return bool(getattr(self.driver, "sleeps", False))
 
     @property
     def size_gb(self) -> float:
@@ -152,10 +158,12 @@ class Slot:
             oldest_wait_since=self.queue[0].enqueued_at if self.queue else None,
             loaded_at=r.loaded_since, last_used=self.last_used,
             admitting=self.admission is Admission.OPEN,
-            load_seconds=r.last_load_s or 5.0,
+            load_seconds=r.load_estimate(_FIRST_LOAD_S),
             retry_at=r.retry_at if r.state is State.FAILED else None,
             ttl_s=r.model.ttl_s if self.managed else 0.0,
             rate_per_s=self.rate.per_s(now),
+            wake_seconds=r.wake_estimate(_FIRST_LOAD_S) if self.sleeps else None,
+            asleep=r.asleep,
         )
 
     def expected_wait_s(self, now: float) -> float:
@@ -163,7 +171,7 @@ class Slot:
         r = self.residency
         loading_for = now - r.load_started if r.state is State.LOADING and r.load_started else 0.0
         return expected_wait(
-            state=r.state, load_s=r.last_load_s or 5.0, loading_for_s=loading_for,
+            state=r.state, load_s=r.load_estimate(_FIRST_LOAD_S), loading_for_s=loading_for,
             ahead=len(self.queue), lease_s=self.lease_s or 1.0,
             parallel=self.model.max_concurrent or 1,
         )

@@ -17,7 +17,7 @@ class Decision:
     """One line of the decision log."""
 
     at: float  # wall clock
-    action: str  # "load" or "unload"
+    action: str  # "load", "unload", or "sleep" (unloaded to host RAM)
     model: str
     waiting: int  # requests queued for it when it was chosen
     reason: str
@@ -41,9 +41,11 @@ class DecisionLog:
         return len(self._entries)
 
     def record(self, at: float, evict: tuple[str, ...], load: str | None, reason: str,
-               views: Mapping[str, ModelView], node: str = "default") -> None:
+               views: Mapping[str, ModelView], node: str = "default",
+               sleep: tuple[str, ...] = ()) -> None:
         for name in evict:
-            self._entries.append(Decision(at, "unload", name, 0, reason, node=node))
+            action = "sleep" if name in sleep else "unload"
+            self._entries.append(Decision(at, action, name, 0, reason, node=node))
         if load is not None:
             self._entries.append(Decision(at, "load", load, views[load].queued, reason,
                                           self._count(load), node=node))

@@ -58,7 +58,7 @@ class Truth:
     def _align(self, slot: Slot, resident: bool) -> None:
         r = slot.residency
         if r.state is State.LOADED and not resident and slot.in_flight == 0:
-            r.lost(self.clock(), time.time())
+            r.lost(self.clock(), time.time(), asleep=slot.sleeps)  # asleep, if it can sleep
             log.info("model.lost", model=r.model.name, reason="not resident on the backend")
         elif r.state in (State.UNLOADED, State.FAILED) and resident:
             r.found(self.clock(), time.time())

@@ -52,6 +52,7 @@ from policies.backoff import retry_delay
 from policies.eviction import fits_at_all
 from policies.execution import execute
 from policies.scheduling import decide
+from policies.tiers import host_gb, sleepers
 from policies.types import ModelView, State
 
 log = structlog.get_logger("gateway.scheduler")
@@ -278,14 +279,16 @@ class Scheduler:
         return any(lane.swapping for lane in self.lanes.values())
 
     def begin_swap(self, lane: Lane, evict: tuple[str, ...], load: str | None,
-                   reason: str) -> None:
-        """From the decision on, victims admit nothing, so none is busy when its turn comes."""
-        self.decisions.record(time.time(), evict, load, reason, lane.views, lane.name)
-        log.info("scheduler.plan", node=lane.name, load=load, evict=evict, reason=reason)
+                   reason: str, sleep: tuple[str, ...] = ()) -> None:
+        """From the decision on, victims admit nothing, so none is busy when its turn comes.
+        `sleep`: the victims put to sleep rather than unloaded."""
+        self.decisions.record(time.time(), evict, load, reason, lane.views, lane.name, sleep)
+        log.info("scheduler.plan", node=lane.name, load=load, evict=evict, reason=reason,
+                 sleep=sleep or None)
         lane.swapping = True
         for name in evict:
             self.slots[name].close(Admission.EVICTING)
-        self._spawn(self._swap(lane, evict, load, self.truth.surprises, reason))
+        self._spawn(self._swap(lane, evict, load, self.truth.surprises, reason, sleep))
 
     def _admit_all(self, slot: Slot, now: float) -> None:
         while slot.queue and slot.has_room:
@@ -305,7 +308,7 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _swap(self, lane: Lane, evict: tuple[str, ...], load: str | None, surprises: int,
-                    reason: str) -> None:
+                    reason: str, sleep: tuple[str, ...] = ()) -> None:
         try:
             models = [*evict, *([load] if load else [])]
             async with self._exclusive(lane, models, surprises) as turn:
@@ -314,7 +317,7 @@ class Scheduler:
                              reason="node busy or changed by another replica")
                     return
                 for name in evict:
-                    await self._unload(self.slots[name], reason)
+                    await self._unload(self.slots[name], reason, asleep=name in sleep)
                 still_resident = [n for n in evict if self.slots[n].residency.state is State.LOADED]
                 if load is not None and not turn.lock:
                     log.info("scheduler.swap_deferred", load=load, reason="node lock lost")
@@ -397,22 +400,25 @@ class Scheduler:
         self.wake()
         return True
 
-    async def _unload(self, slot: Slot, reason: str = "") -> None:
+    async def _unload(self, slot: Slot, reason: str = "", *, asleep: bool = False) -> None:
+        """Unload the model, or with `asleep` put it to sleep (its weights to host RAM)."""
         r = slot.residency
         if r.state is not State.LOADED or slot.in_flight:
             return
         if not await self.coordinator.drain(r.model.backend, r.model.name, DRAIN_WAIT_S):
             return  # others still serve it: it stays, and the swap is decided again
+        asleep = asleep and slot.sleeps
         r.begin_unload()
-        log.info("model.unloading", model=r.model.name, reason=reason or None)
+        log.info("model.unloading", model=r.model.name, reason=reason or None,
+                 tier="sleep" if asleep else None)
         try:
-            await slot.driver.unload(r.model)
+            await (slot.driver.unload if asleep else slot.driver.unload_fully)(r.model)
         except (DriverError, TimeoutError) as exc:
             # The memory may still be held; reconciling with the backend's truth will tell.
             log.warning("model.unload_failed", model=r.model.name, error=str(exc))
-        r.unloaded(self.clock(), time.time())
+        r.unloaded(self.clock(), time.time(), asleep=asleep)
         self.decisions.residency_ended(r.model.name)
-        log.info("model.unloaded", model=r.model.name)
+        log.info("model.asleep" if asleep else "model.unloaded", model=r.model.name)
 
     def served(self, decision: Decision) -> int:
         return self.decisions.served(decision)
@@ -450,6 +456,7 @@ class Scheduler:
             last_load_s=r.last_load_s, error=r.error,
             retry_at=wall_of(r.retry_at) if r.state is State.FAILED else None,
             retryable=r.retryable, load_blocked=r.state is State.FAILED and not r.may_load(now),
+            asleep=r.asleep and r.state is not State.LOADED, last_wake_s=r.last_wake_s,
             view=view,
         )
 
@@ -463,13 +470,15 @@ class Scheduler:
         budget = lane.budget
         return NodeStatus(
             name=lane.name, mode=lane.config.mode, max_models=budget.max_models,
-            memory_budget_gb=budget.memory_gb, host_memory_gb=None, budget=budget,
+            memory_budget_gb=budget.memory_gb, host_memory_gb=budget.host_memory_gb,
+            budget=budget,
             backends=tuple(b for b in self.config.backends
                            if self.config.node_of(b) == lane.name),
             models=tuple(m.name for m in mine), resident=tuple(m.name for m in resident),
             resident_gb=sum(m.view.size_gb for m in mine if m.view.resident),
             measured_gb=sum(measured) if measured else None, free_gb=lane.free_gb,
-            swapping=lane.swapping)
+            swapping=lane.swapping, asleep=tuple(m.name for m in mine if m.asleep),
+            host_gb=host_gb({m.name: m.view for m in mine}))
 
     def _decision_status(self, decision: Decision) -> DecisionStatus:
         served = self.served(decision) if decision.action == "load" else None
@@ -503,7 +512,7 @@ class Scheduler:
             lane = self.lanes[slot.node]
             async with self._exclusive(lane, [name], self.truth.surprises) as ready:
                 if ready and slot.in_flight == 0:
-                    await self._unload(slot, "requested")
+                    await self._unload(slot, "requested", asleep=self._may_sleep(lane, name))
         finally:
             slot.reopen(Admission.CLOSING)
             self.wake()
@@ -523,6 +532,13 @@ class Scheduler:
             changed = [await self._measure(lane) for lane in list(self.lanes.values())]
             if any(changed):
                 self.wake()  # a figure the budget counts moved: worth a decision
+
+    def _may_sleep(self, lane: Lane, name: str) -> bool:
+        """Whether an admin unload puts the model to sleep: the policy's rule, for one."""
+        now = self.clock()
+        views = {n: s.view(now) for n, s in self.slots.items()
+                 if s.managed and s.node == lane.name}
+        return name in sleepers((name,), views, lane.room())
 
     # -- measured memory -------------------------------------------------------------------
 
@@ -636,8 +652,9 @@ class _NodeBox:
     def swap_running(self) -> bool:
         return self._lane.swapping
 
-    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str) -> None:
-        self._scheduler.begin_swap(self._lane, evict, load, reason)
+    def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str,
+                   sleep: tuple[str, ...] = ()) -> None:
+        self._scheduler.begin_swap(self._lane, evict, load, reason, sleep)
 
 
 def _ttl_due(view: ModelView) -> float | None:

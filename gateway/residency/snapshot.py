@@ -51,6 +51,8 @@ class ModelStatus:
     retry_at: float | None  # wall clock: a failed load is not tried again before this
     retryable: bool
     load_blocked: bool  # failed and backing off: no request can load it now
+    asleep: bool  # put to sleep: its weights in host RAM, a wake away (vLLM sleep level 1)
+    last_wake_s: float | None  # how long its last wake from sleep took
     view: ModelView  # the policies' view of it (monotonic times)
 
     @property
@@ -76,6 +78,8 @@ class NodeStatus:
     measured_gb: float | None  # the sum of measured sizes of resident models, when any is known
     free_gb: float | None  # free GPU memory as the node last reported it, when it can tell
     swapping: bool  # a load or unload runs on its lane now
+    asleep: tuple[str, ...]  # put to sleep: holding host RAM, not GPU memory
+    host_gb: float  # host RAM the models asleep hold (against host_memory_gb)
 
 
 @dataclass(frozen=True)

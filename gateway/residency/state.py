@@ -4,6 +4,9 @@
         ▲                       └──load_failed──► failed ──begin_load──► loading
         └──────── lost (backend evicted it) ◄── loaded ──crashed──► failed (reload on next request)
 
+`asleep` marks an unloaded model put to sleep (its weights in host RAM): its next load is a
+wake, timed apart from cold loads (`last_wake_s`, `cold_load_s`) so each estimate learns its own.
+
 Times are passed in (monotonic for durations, wall clock for what users read), so the machine
 itself has no clock and no I/O.
 """
@@ -30,7 +33,11 @@ class Residency:
     total_uptime_s: float = 0.0  # completed residencies
     load_started: float | None = None  # monotonic
     load_count: int = 0
-    last_load_s: float | None = None
+    last_load_s: float | None = None  # the last load, a wake or a cold one
+    cold_load_s: float | None = None  # the last cold load
+    last_wake_s: float | None = None  # the last wake from sleep
+    asleep: bool = False  # unloaded to host RAM (sleep level 1): a wake brings it back
+    waking: bool = False  # the load running is a wake
     error: str | None = None
     retry_at: float | None = None  # monotonic; a failed model is not loaded before this
     failures: int = 0
@@ -46,10 +53,15 @@ class Residency:
     def begin_load(self, now: float) -> None:
         self._move((State.UNLOADED, State.FAILED), State.LOADING)
         self.load_started = now
+        self.waking, self.asleep = self.asleep, False
 
     def loaded(self, now: float, wall: float) -> None:
         self._move((State.LOADING,), State.LOADED)
         self.last_load_s = now - (self.load_started or now)
+        if self.waking:
+            self.last_wake_s = self.last_load_s
+        else:
+            self.cold_load_s = self.last_load_s
         self.load_count += 1
         self.failures = 0
         self.retryable = True
@@ -59,6 +71,7 @@ class Residency:
     def load_failed(self, now: float, error: str, retry_in: float, retryable: bool = True) -> None:
         """`retry_in`: the back-off the policy chose (policies.backoff)."""
         self._move((State.LOADING,), State.FAILED)
+        self.asleep = self.waking  # a wake that failed leaves the weights where they were
         self.failures += 1
         self.error = error
         self.retryable = retryable
@@ -67,25 +80,41 @@ class Residency:
     def begin_unload(self) -> None:
         self._move((State.LOADED,), State.UNLOADING)
 
-    def unloaded(self, now: float, wall: float) -> None:
+    def unloaded(self, now: float, wall: float, asleep: bool = False) -> None:
+        """`asleep`: put to sleep (its weights in host RAM), not unloaded for good."""
         self._move((State.UNLOADING,), State.UNLOADED)
         self._left(now, wall)
+        self.asleep = asleep
 
-    def lost(self, now: float, wall: float) -> None:
-        """The backend no longer holds the model (it evicted it by itself)."""
+    def lost(self, now: float, wall: float, asleep: bool = False) -> None:
+        """The backend no longer holds the model (it evicted it by itself, or, for a backend
+        that sleeps, it is asleep)."""
         self._move((State.LOADED,), State.UNLOADED)
         self._left(now, wall)
+        self.asleep = asleep
+
+    def load_estimate(self, default_s: float) -> float:
+        """How long its next load (or the one running) should take: a wake for a model asleep
+        (or waking), else a cold load."""
+        cold = self.cold_load_s or self.last_load_s or default_s
+        waking = self.waking if self.state is State.LOADING else self.asleep
+        return (self.last_wake_s or cold) if waking else cold
+
+    def wake_estimate(self, default_s: float) -> float:
+        return self.last_wake_s or self.cold_load_s or self.last_load_s or default_s
 
     def crashed(self, now: float, wall: float, reason: str) -> None:
         """The model's process died; it may be loaded again at once."""
         self._move((State.LOADED, State.UNLOADING), State.FAILED)
         self._left(now, wall)
+        self.asleep = False
         self.error = reason
         self.retry_at = now
 
     def found(self, now: float, wall: float) -> None:
         """The backend holds the model although the gateway did not load it."""
         self._move((State.UNLOADED, State.FAILED), State.LOADED)
+        self.asleep = False
         self.error = self.retry_at = None
         self._became_resident(now, wall)
 

@@ -44,6 +44,9 @@ class Driver(Protocol):
     models: list[ModelConfig]  # the backend's models; a reload may replace the list
     # False for backends someone else runs: their models are always on and outside the budget.
     manages_residency: bool
+    # True when `unload` puts a model to sleep (its weights in host RAM, a wake away) and
+    # `unload_fully` frees them too (vLLM sleep level 2); False: both simply unload.
+    sleeps: bool
 
     async def start(self, on_lost: LostCallback) -> None:
         """Open what the driver needs; `on_lost` reports models that vanish by themselves."""
@@ -52,7 +55,11 @@ class Driver(Protocol):
         """Make `model` ready to serve; raise DriverError if it cannot be."""
 
     async def unload(self, model: ModelConfig) -> None:
-        """Free `model`'s memory; raise DriverError if that failed."""
+        """Free `model`'s memory (its GPU memory, for a driver that `sleeps`); raise
+        DriverError if that failed."""
+
+    async def unload_fully(self, model: ModelConfig) -> None:
+        """Free all `model`'s memory, host RAM too; for most drivers the same as `unload`."""
 
     async def resident(self) -> set[str] | None:
         """Names (model.name) the backend itself says are loaded; None if it cannot tell."""

@@ -76,6 +76,7 @@ class HttpDriver:
     models, the backend's pooled session, and nothing to start or stop."""
 
     manages_residency = True
+    sleeps = False
 
     def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
                  upstreams: Upstreams) -> None:
@@ -106,6 +107,12 @@ class HttpDriver:
 
     def after_request(self, model: ModelConfig) -> None:
         pass
+
+    async def unload(self, model: ModelConfig) -> None:
+        raise NotImplementedError
+
+    async def unload_fully(self, model: ModelConfig) -> None:
+        await self.unload(model)
 
     async def measure(self) -> dict[str, Measured] | None:
         return None  # a server that does not say what its models hold

@@ -148,6 +148,7 @@ class ProcessDriver:
     """Starts one server per model from `backend.cmd`, each on its own free loopback port."""
 
     manages_residency = True
+    sleeps = False
 
     def __init__(self, backend: BackendConfig, models: Sequence[ModelConfig],
                  registry: Registry | None = None) -> None:
@@ -196,6 +197,9 @@ class ProcessDriver:
             process = self._processes.get(model.name)
             if process is not None:
                 await self._discard(process)
+
+    async def unload_fully(self, model: ModelConfig) -> None:
+        await self.unload(model)
 
     async def resident(self) -> set[str] | None:
         return {name for name, process in self._processes.items() if process.serving}
