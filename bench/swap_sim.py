@@ -26,7 +26,7 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from policies.backoff import retry_delay
 from policies.eviction import fits_together
@@ -60,8 +60,9 @@ class SimModel:
 @dataclass(frozen=True)
 class SimNode:
     name: str
-    budget: Budget
+    budget: Budget  # its host_memory_gb holds the models put to sleep
     load_factor: float = 1.0  # a slower node (a Mac against a GPU server) loads slower
+    sleeps: bool = False  # its servers can put models to sleep (vLLM sleep mode)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class _Model:
     name: str
     node: str
     load_seconds: float
+    wake_seconds: float | None = None  # on a node that sleeps, for a model that can
     state: State = State.UNLOADED
     queue: deque[Request] = field(default_factory=deque)
     backlog: deque[Request] = field(default_factory=deque)  # leased, waiting for a slot
@@ -173,15 +175,15 @@ class _Model:
             retry_at=self.retry_at if self.state is State.FAILED else None,
             ttl_s=self.spec.ttl_s,
             rate_per_s=self.rate.per_s(now),
-            wake_seconds=self.spec.wake_seconds,
+            wake_seconds=self.wake_seconds,
             asleep=self.asleep,
         )
 
     @property
     def next_load_seconds(self) -> float:
         """A wake for a model asleep, else a load."""
-        if self.asleep and self.spec.wake_seconds is not None:
-            return self.spec.wake_seconds
+        if self.asleep and self.wake_seconds is not None:
+            return self.wake_seconds
         return self.load_seconds
 
 
@@ -194,6 +196,11 @@ class _Lane:
 
     def views(self, now: float) -> dict[str, ModelView]:
         return {name: m.view(now) for name, m in self.models.items()}
+
+    def exclusive(self) -> frozenset[str]:
+        """The models that have no route but this node."""
+        return frozenset(name for name, m in self.models.items()
+                         if m.spec.routes in ((), (self.node.name,)))
 
 
 Placer = Callable[[list[_Model], Mapping[str, _Lane], BatchingConfig, float], _Model]
@@ -258,7 +265,9 @@ class _Simulation:
         routes = []
         for i, node in enumerate(nodes):
             name = spec.name if i == 0 else f"{spec.name}@{node.name}"
-            route = _Model(spec, name, node.name, round(spec.load_seconds * node.load_factor, 3))
+            wake = spec.wake_seconds if node.sleeps else None
+            route = _Model(spec, name, node.name, round(spec.load_seconds * node.load_factor, 3),
+                           wake)
             self.lanes[node.name].models[name] = route
             routes.append(route)
         return routes
@@ -390,7 +399,7 @@ class _Simulation:
     def _evict(self, model: _Model, asleep: bool = False) -> None:
         if model.state is not State.LOADED or model.in_flight:
             raise InvalidPlan(f"evict {model.name}: {model.state}, {model.in_flight} busy")
-        if asleep and model.spec.wake_seconds is None:
+        if asleep and model.wake_seconds is None:
             raise InvalidPlan(f"sleep {model.name}: it cannot sleep")
         model.state, model.asleep = State.UNLOADING, asleep
         self._at(self.clock + self.scenario.unload_seconds, "unloaded", model.name)
@@ -427,7 +436,7 @@ def placed(routes: list[_Model], lanes: Mapping[str, _Lane], config: BatchingCon
            now: float) -> _Model:
     """The gateway's own placement policy."""
     options = [RouteOption(r.view(now), r.node) for r in routes]
-    nodes = {name: NodeView(name, lane.node.budget, lane.views(now))
+    nodes = {name: NodeView(name, lane.node.budget, lane.views(now), lane.exclusive())
              for name, lane in lanes.items()}
     return routes[place(options, nodes, config, now).index]
 
@@ -652,6 +661,12 @@ _EIGHT = tuple(
     SimModel(f"m{i}-{gb}gb", float(gb), size_gb=gb,
              routes=("gpu", "mac") if i % 2 == 0 else ("mac", "gpu"))
     for i, gb in enumerate((6, 8, 10, 12, 6, 8, 10, 12)))
+# The issue's two machines again, the GPU server running vLLM with sleep mode and 64 GB of
+# host RAM for sleeping models: a wake takes a tenth of a cold start (at least a second).
+_GPU_SLEEP = SimNode("gpu", Budget(max_models=3, memory_gb=20.0, host_memory_gb=64.0),
+                     sleeps=True)
+_PAIR_SLEEP = tuple(replace(m, wake_seconds=max(1.0, round(m.load_seconds / 10, 1)))
+                    for m in _PAIR)
 # Three nodes, nine models: two GPU servers and the Mac.
 _GPU_A = SimNode("gpu-a", Budget(max_models=3, memory_gb=24.0))
 _GPU_B = SimNode("gpu-b", Budget(max_models=2, memory_gb=16.0), load_factor=1.2)
@@ -689,6 +704,10 @@ def fleet_scenarios(seed: int, n: int) -> list[Scenario]:
                  shifting_trace(rng, eight, n, 2.0), nodes=duo),
         Scenario("2 nodes, 8 models, shifting set, busy (4 s)", _EIGHT,
                  shifting_trace(rng, eight, n, 4.0), nodes=duo),
+        Scenario("2 nodes, GPU sleeps, dense (2 s)", _PAIR_SLEEP,
+                 poisson_trace(rng, pair, n, 2.0), nodes=(_GPU_SLEEP, _MAC)),
+        Scenario("2 nodes, GPU sleeps, busy (4 s)", _PAIR_SLEEP,
+                 poisson_trace(rng, pair, n, 4.0), nodes=(_GPU_SLEEP, _MAC)),
         Scenario("3 nodes, 9 models, dense (1.5 s)", _TRIO, poisson_trace(rng, trio, n, 1.5),
                  nodes=fleet3),
         Scenario("3 nodes, 9 models, busy (3 s)", _TRIO, poisson_trace(rng, trio, n, 3.0),

@@ -8,7 +8,8 @@ Each route is the model on one backend, on one node. In order:
 2. resident and admitting somewhere: the least busy copy (fewest requests in flight or queued);
 3. already on its way somewhere (loading, or requests queued for it, or draining): there, so
    that one load serves all the requests that want it;
-4. fits beside what a node holds, evicting nothing: where it would be ready soonest (the node's
+4. fits beside what a node holds, and beside the models that only that node can serve and that
+   are wanted soon, evicting nothing: where it would be ready soonest (the node's
    lane first finishes the load running on it and the loads already queued there, then loads
    this one: `backlog` plus its own load time);
 5. else the node where making room costs least, in request-seconds: each victim's demand (its
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.eviction import choose_victims, fits_at_all, fits_beside
 from policies.scheduling import protected
@@ -39,6 +40,9 @@ class NodeView:
     name: str
     budget: Budget
     models: Mapping[str, ModelView]
+    # Models that can run on this node only: while they are in demand the node's room is
+    # theirs, even when they are not resident right now.
+    exclusive: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -87,17 +91,18 @@ def eviction_cost(route: RouteOption, node: NodeView, config: BatchingConfig,
                   now: float) -> float:
     """What making room on `node` and loading there costs, in request-seconds (see the
     module's rule 5); infinite when no eviction can make room there now."""
-    keep = protected(node.models, config, now)
-    victims = choose_victims(route.model, node.models, node.budget, keep)
+    models = claimed(node)
+    keep = protected(models, config, now)
+    victims = choose_victims(route.model, models, node.budget, keep)
     if victims is None:  # only by taking models inside their minimum residency
-        victims = choose_victims(route.model, node.models, node.budget)
+        victims = choose_victims(route.model, models, node.budget)
     if victims is None:
         return math.inf
-    held_for = max((_residency_left(node.models[v], config, now) for v in victims if v in keep),
+    held_for = max((_residency_left(models[v], config, now) for v in victims if v in keep),
                    default=0.0)
     weight = PRIORITY_WEIGHT.get(route.model.priority, 1.0)
     own = weight * (backlog(node, route.model) + held_for + route.model.load_seconds)
-    return sum(_victim_cost(node.models[v]) for v in victims) + own
+    return sum(_victim_cost(models[v]) for v in victims) + own
 
 
 def backlog(node: NodeView, newcomer: ModelView) -> float:
@@ -149,4 +154,18 @@ def _busy(model: ModelView) -> int:
 
 def _fits_now(route: RouteOption, nodes: Mapping[str, NodeView]) -> bool:
     node = nodes[route.node]
-    return fits_beside(route.model, node.models, node.budget)
+    return fits_beside(route.model, claimed(node), node.budget)
+
+
+def claimed(node: NodeView) -> dict[str, ModelView]:
+    """The node's models, with those only it can serve that are wanted soon counted as
+    resident: taking their room means evicting them, or being evicted by them, next time."""
+    held = {name: replace(m, state=State.LOADED, loaded_at=-math.inf)
+            for name, m in node.models.items()
+            if name in node.exclusive and _wanted_soon(m) and not m.resident}
+    return {**node.models, **held}
+
+
+def _wanted_soon(model: ModelView) -> bool:
+    """Its recent rate brings a request within one of its loads."""
+    return model.queued > 0 or model.rate_per_s * model.load_seconds >= 1.0

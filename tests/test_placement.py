@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -235,3 +236,20 @@ def test_eviction_is_chosen_only_when_no_node_has_room(fleet: Any) -> None:
 def test_placement_is_a_pure_function_of_its_snapshot(fleet: Any) -> None:
     routes, nodes = fleet
     assert place(routes, nodes, CONFIG, NOW) == place(list(routes), dict(nodes), CONFIG, NOW)
+
+
+def test_room_that_a_model_only_this_node_serves_is_about_to_want_is_not_free() -> None:
+    # Node a is empty, but its big model (no other node can run it) is asked for every 10 s
+    # and loads in 40: a newcomer there would be evicted by it, or evict it. Node b needs room
+    # made, cheaply.
+    big = ModelView("big", size_gb=10, load_seconds=40, rate_per_s=0.1)
+    routes = [route("a", size_gb=6, load_seconds=2), route("b", size_gb=6, load_seconds=2)]
+    a = NodeView("a", TWELVE, {"big": big, routes[0].model.name: routes[0].model},
+                 frozenset({"big"}))
+    b = nodes_with(node("b", TWELVE, idle("spare", size_gb=8, load_seconds=2)),
+                   routes=routes)["b"]
+    placement = place(routes, {"a": a, "b": b}, CONFIG, NOW)
+    assert placement.index == 1 and "least eviction cost" in placement.reason
+    quiet = NodeView("a", TWELVE, {**a.models, "big": replace(big, rate_per_s=0.001)},
+                     a.exclusive)
+    assert place(routes, {"a": quiet, "b": b}, CONFIG, NOW).index == 0  # not wanted: free

@@ -14,6 +14,7 @@ back, and traffic with it, as soon as it answers.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -65,10 +66,14 @@ class Fallback:
         if len(shown) != len(routes):
             return Placement(0, "not in the scheduler yet")  # between a reload's two halves
         options = [RouteOption(m.view, m.node, self.health.up(m.backend)) for m in shown]
+        wanted = {m.node for m in shown}
+        routes_per_model = Counter(m.model for m in status.models.values())
         nodes = {
             name: NodeView(name, node.budget, {
-                m.name: m.view for m in status.models.values() if m.node == name and m.managed})
-            for name, node in status.nodes.items() if name in {m.node for m in shown}
+                m.name: m.view for m in status.models.values() if m.node == name and m.managed},
+                frozenset(m.name for m in status.models.values()
+                          if m.node == name and routes_per_model[m.model] == 1))
+            for name, node in status.nodes.items() if name in wanted
         }
         return place(options, nodes, self.scheduler.config.batching, self.scheduler.clock())
 
