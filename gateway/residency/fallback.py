@@ -14,7 +14,6 @@ back, and traffic with it, as soon as it answers.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -47,7 +46,8 @@ class Fallback:
         routes = self._catalog().routes(model)
         if len(routes) == 1:
             return model
-        status = status or self.scheduler.status()
+        status = status or self.scheduler.status(only=[route.name for route in routes],
+                                                 nodes_too=model.placed)
         if model.placed:
             return routes[self._place(routes, status).index]
         return routes[choose_route([self._view(route, status) for route in routes])]
@@ -66,15 +66,10 @@ class Fallback:
         if len(shown) != len(routes):
             return Placement(0, "not in the scheduler yet")  # between a reload's two halves
         options = [RouteOption(m.view, m.node, self.health.up(m.backend)) for m in shown]
-        wanted = {m.node for m in shown}
-        routes_per_model = Counter(m.model for m in status.models.values())
-        nodes = {
-            name: NodeView(name, node.budget, {
-                m.name: m.view for m in status.models.values() if m.node == name and m.managed},
-                frozenset(m.name for m in status.models.values()
-                          if m.node == name and routes_per_model[m.model] == 1))
-            for name, node in status.nodes.items() if name in wanted
-        }
+        catalog = self._catalog()
+        nodes = {name: NodeView(name, node.budget, node.views, frozenset(
+                     n for n in node.views if _single_route(catalog.get(n))))
+                 for name, node in status.nodes.items() if name in {m.node for m in shown}}
         return place(options, nodes, self.scheduler.config.batching, self.scheduler.clock())
 
     def _view(self, route: ModelConfig, status: SchedulerStatus) -> RouteView:
@@ -93,3 +88,8 @@ class Fallback:
             driver = self.drivers.get(name)
             if driver is not None and await driver.health():
                 self.health.ok(name)
+
+
+def _single_route(model: ModelConfig | None) -> bool:
+    """A model no other backend can serve (a route `x@backend` is never one)."""
+    return model is not None and model.route_of is None and not model.fallbacks

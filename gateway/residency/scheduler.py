@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -425,14 +425,24 @@ class Scheduler:
 
     # -- the read model -----------------------------------------------------------------------
 
-    def status(self) -> SchedulerStatus:
-        """A frozen snapshot of nodes, models and decisions: what every reader reads."""
+    def status(self, only: Collection[str] | None = None, *,
+               nodes_too: bool = False) -> SchedulerStatus:
+        """A frozen snapshot of nodes, models and decisions: what every reader reads.
+
+        `only`: just these routes, without decisions, and with their nodes if `nodes_too`
+        (route choice, which runs on every request, needs no more).
+        """
         now, wall = self.clock(), time.time()
-        models = {name: self._model_status(slot, now, wall) for name, slot in self.slots.items()}
+        names = list(self.slots) if only is None else [n for n in only if n in self.slots]
+        models = {name: self._model_status(self.slots[name], now, wall) for name in names}
+        nodes = self.lanes if only is None else {
+            m.node: self.lanes[m.node] for m in models.values()
+            if nodes_too and m.node in self.lanes}
+        decisions = () if only is not None else tuple(
+            self._decision_status(d) for d in reversed(self.decisions))
         return SchedulerStatus(
-            at=wall, swapping=self.swap_running(), nodes=self._node_status(models),
-            models=models, decisions=tuple(self._decision_status(d) for d in
-                                           reversed(self.decisions)))
+            at=wall, swapping=self.swap_running(), models=models, decisions=decisions,
+            nodes={name: self._node_status(lane, now) for name, lane in nodes.items()})
 
     def _model_status(self, slot: Slot, now: float, wall: float) -> ModelStatus:
         r, model, view = slot.residency, slot.model, slot.view(now)
@@ -460,13 +470,12 @@ class Scheduler:
             view=view,
         )
 
-    def _node_status(self, models: Mapping[str, ModelStatus]) -> dict[str, NodeStatus]:
-        return {name: self._one_node(lane, models) for name, lane in self.lanes.items()}
-
-    def _one_node(self, lane: Lane, models: Mapping[str, ModelStatus]) -> NodeStatus:
-        mine = [m for m in models.values() if m.managed and m.node == lane.name]
-        resident = [m for m in mine if m.state is State.LOADED]
-        measured = [m.measured_gb for m in resident if m.measured_gb is not None]
+    def _node_status(self, lane: Lane, now: float) -> NodeStatus:
+        mine = {name: slot for name, slot in self.slots.items()
+                if slot.managed and slot.node == lane.name}
+        views = {name: slot.view(now) for name, slot in mine.items()}
+        resident = [name for name, view in views.items() if view.state is State.LOADED]
+        measured = [mine[n].measured.gb for n in resident if mine[n].measured is not None]
         budget = lane.budget
         return NodeStatus(
             name=lane.name, mode=lane.config.mode, max_models=budget.max_models,
@@ -474,11 +483,12 @@ class Scheduler:
             budget=budget,
             backends=tuple(b for b in self.config.backends
                            if self.config.node_of(b) == lane.name),
-            models=tuple(m.name for m in mine), resident=tuple(m.name for m in resident),
-            resident_gb=sum(m.view.size_gb for m in mine if m.view.resident),
+            models=tuple(mine), resident=tuple(resident),
+            resident_gb=sum(view.size_gb for view in views.values() if view.resident),
             measured_gb=sum(measured) if measured else None, free_gb=lane.free_gb,
-            swapping=lane.swapping, asleep=tuple(m.name for m in mine if m.asleep),
-            host_gb=host_gb({m.name: m.view for m in mine}))
+            swapping=lane.swapping,
+            asleep=tuple(n for n, view in views.items() if view.asleep and not view.resident),
+            host_gb=host_gb(views), views=views)
 
     def _decision_status(self, decision: Decision) -> DecisionStatus:
         served = self.served(decision) if decision.action == "load" else None

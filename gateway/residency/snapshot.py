@@ -5,7 +5,7 @@ the scheduler's slots, so the scheduler can change inside without breaking them.
 read are wall-clock seconds (`time.time()`); durations are seconds. Each model's `view` is what
 the policies decide over (monotonic times), for the readers that are themselves policy callers.
 
-    SchedulerStatus
+    SchedulerStatus                    (`status(only=routes)`: those routes, no decisions)
       at, swapping
       nodes:     {name: NodeStatus}    budget, backends, models on it, resident, GB, swapping
       models:    {name: ModelStatus}   one per route: `qwen`, `qwen@ollama` (its fallback)
@@ -80,6 +80,7 @@ class NodeStatus:
     swapping: bool  # a load or unload runs on its lane now
     asleep: tuple[str, ...]  # put to sleep: holding host RAM, not GPU memory
     host_gb: float  # host RAM the models asleep hold (against host_memory_gb)
+    views: Mapping[str, ModelView]  # the policies' view of each of its models
 
 
 @dataclass(frozen=True)
