@@ -503,3 +503,28 @@ def test_a_node_puts_models_to_sleep_while_its_host_memory_holds_them(
         assert http.post("/v1/chat/completions", json=ask("s1")).status_code == 200
         woke = http.get("/models/s1").json()
         assert woke["last_wake_seconds"] is not None and woke["status"] == "loaded"
+
+
+# -- reloads -------------------------------------------------------------------------------------
+
+
+def test_a_reload_changes_a_nodes_budget_while_its_model_stays_resident(
+        tmp_path: Path, start_server: Any, node_a: Any, node_b: Any) -> None:
+    import yaml
+
+    from gateway.app import create_app
+    from gateway.config.reload import file_loader
+    from gateway.config.schema import load_config
+
+    path = tmp_path / "gateway.yaml"
+    config = two_nodes(node_a.url, node_b.url)
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_server(create_app(load_config(path, env={}), loader=file_loader(str(path))))
+    assert httpx.post(gateway.url + "/v1/chat/completions", json=ask("only-a"),
+                      timeout=30).status_code == 200
+    config["nodes"]["a"] = {"memory_budget_gb": 6, "max_concurrent_models": 1}
+    path.write_text(yaml.safe_dump(config))
+    assert httpx.post(gateway.url + "/admin/reload", timeout=30).status_code == 200
+    node = httpx.get(gateway.url + "/status").json()["nodes"]["a"]
+    assert (node["memory_budget_gb"], node["max_concurrent_models"]) == (6, 1)
+    assert node["resident_models"] == ["only-a"]  # a reload never unloads what it keeps
