@@ -149,8 +149,33 @@ def test_failed_load_answers_503_naming_the_cause_and_backs_off(start_gateway: A
     status = httpx.get(gateway.url + "/models/a").json()
     assert status["status"] == "unloaded"  # the old service knew no "failed"
     assert status["state"] == "failed" and "more system memory" in status["error"]
+    assert status["failures"] == 1 and status["retry_at"] is not None
     # Nothing is wedged: the other models still serve.
     assert httpx.post(gateway.url + "/v1/chat/completions", json=ask("b")).status_code == 200
+
+
+def test_the_back_off_grows_in_status_and_the_drivers_detail_is_for_admins_only(
+        start_gateway: Any, ollama: Any) -> None:
+    emulator(ollama).load_errors["a:7b"] = "model requires more system memory (64 GiB)"
+    config = three_models(ollama.url) | {"auth": {"keys": [
+        {"name": "ops", "key": "admin-key", "admin": True},
+        {"name": "team", "key": "team-key"}]}}
+    gateway = start_gateway(config)
+    scheduler = services(gateway).scheduler
+    slot = scheduler.slots["a"]
+    with httpx.Client(base_url=gateway.url, timeout=10,
+                      headers={"authorization": "Bearer team-key"}) as team:
+        retries = []
+        for attempt in (1, 2):
+            wait_until(lambda: slot.residency.may_load(scheduler.clock()), timeout=15,
+                       message="the back-off to pass")
+            assert team.post("/v1/chat/completions", json=ask("a")).status_code == 503
+            shown = team.get("/status").json()["models"]["a"]
+            assert shown["failures"] == attempt and "error_detail" not in shown
+            retries.append(slot.residency.retry_at - scheduler.clock())
+    assert retries[1] > retries[0] * 1.5  # each failure doubles the wait (5 s, then 10 s)
+    admin = httpx.get(gateway.url + "/status", headers={"authorization": "Bearer admin-key"})
+    assert "error_detail" in admin.json()["models"]["a"]
 
 
 def test_model_evicted_by_the_backend_is_noticed_and_reloaded(start_gateway: Any,

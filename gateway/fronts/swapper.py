@@ -141,7 +141,8 @@ class SwapperApi:
         return _json({"ready": ready}, status=200 if ready else 503)
 
     async def status(self, request: Request) -> Response:
-        view = self._visible(access_of(request.scope))
+        access = access_of(request.scope)
+        view = self._visible(access)
         loaded = view.loaded
         swapper = self.services.config.swapper
         return _json({
@@ -155,7 +156,7 @@ class SwapperApi:
             "memory_budget_gb": swapper.memory_budget_gb,
             "resident_gb": sum(shown.status.size_gb for shown in view.models.values()
                                if shown.status.managed and shown.status.state is State.LOADED),
-            "models": {name: self._model_status(shown, view.status)
+            "models": {name: self._model_status(shown, view.status, access.admin)
                        for name, shown in view.models.items()},
             "cache": self._cache_status(),
             "decisions": self._decisions(view),
@@ -204,10 +205,12 @@ class SwapperApi:
             "errors": stats.errors,
         }
 
-    def _model_status(self, shown: _Shown, status: SchedulerStatus) -> dict[str, Any]:
+    def _model_status(self, shown: _Shown, status: SchedulerStatus,
+                      admin: bool) -> dict[str, Any]:
         m = shown.status
         serving = self.services.fallback.choose(shown.config, status)
         return {
+            **_failure(m, admin),
             "status": _OLD_STATUS[m.state],
             "state": m.state.value,
             "backend": m.backend,
@@ -215,7 +218,6 @@ class SwapperApi:
             "routes": {route.backend: route.state.value for route in shown.routes},
             "queue_depth": m.queue,
             "in_flight": m.in_flight,
-            "error": m.error,
             "node": m.node,
             "nodes": {route.backend: route.node for route in shown.routes},
             "measured_gb": m.measured_gb,
@@ -240,7 +242,7 @@ class SwapperApi:
             "request_count": shown.request_count,
             "load_count": m.load_count,
             "last_load_seconds": m.last_load_s,
-            "error": m.error,
+            **_failure(m, admin=False),
             "node": m.node,
             "measured_gb": m.measured_gb,
             "asleep": m.asleep,
@@ -302,3 +304,12 @@ class SwapperApi:
 
     async def model_metrics(self, request: Request) -> Response:
         return _json(self._metrics(self._one(request)))
+
+
+def _failure(m: ModelStatus, admin: bool) -> dict[str, Any]:
+    """A failed load's one-line error, how many failed in a row and when the next try may
+    come (each failure doubles the wait); the driver's detail (server output, paths) only for
+    admins."""
+    shown = {"error": m.error, "failures": m.failures, "retry_at": iso_local(m.retry_at),
+             "retryable": m.retryable}
+    return {**shown, "error_detail": m.error_detail} if admin else shown

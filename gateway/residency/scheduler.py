@@ -363,19 +363,21 @@ class Scheduler:
         try:
             async with asyncio.timeout(timeout_s):
                 await slot.driver.load(r.model)
-        except (DriverError, TimeoutError) as exc:
-            self._load_failed(slot, str(exc) or f"no answer within {timeout_s:g} s",
-                              getattr(exc, "retryable", True))
+        except DriverError as exc:
+            self._load_failed(slot, str(exc), exc.retryable, exc.detail)
+            return
+        except TimeoutError:
+            self._load_failed(slot, f"no answer within {timeout_s:g} s", True, None)
             return
         r.loaded(self.clock(), time.time())
         log.info("model.loaded", model=r.model.name, seconds=round(r.last_load_s or 0, 3))
         if self.on_loaded is not None:
             self.on_loaded(r.model.name, r.last_load_s or 0.0)
 
-    def _load_failed(self, slot: Slot, error: str, retryable: bool) -> None:
+    def _load_failed(self, slot: Slot, error: str, retryable: bool, detail: str | None) -> None:
         r = slot.residency
         retry_in = retry_delay(r.failures + 1)
-        r.load_failed(self.clock(), error, retry_in, retryable)
+        r.load_failed(self.clock(), error, retry_in, retryable, detail)
         log.warning("model.load_failed", model=r.model.name, error=error,
                     retry_in_s=round(retry_in, 1), failures=r.failures)
         if not self._reroute_queue(slot):
@@ -463,7 +465,8 @@ class Scheduler:
             uptime_s=r.uptime_s(now), ttl_expires_at=wall_of(_ttl_due(view)),
             load_elapsed_s=now - (r.load_started or now) if loading else None,
             load_timeout_s=self.config.swapper.load_timeout_s if loading else None,
-            last_load_s=r.last_load_s, error=r.error,
+            last_load_s=r.last_load_s, error=r.error, error_detail=r.error_detail,
+            failures=r.failures,
             retry_at=wall_of(r.retry_at) if r.state is State.FAILED else None,
             retryable=r.retryable, load_blocked=r.state is State.FAILED and not r.may_load(now),
             asleep=r.asleep and r.state is not State.LOADED, last_wake_s=r.last_wake_s,

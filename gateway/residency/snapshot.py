@@ -48,6 +48,8 @@ class ModelStatus:
     load_timeout_s: float | None  # during a load: when it counts as failed
     last_load_s: float | None
     error: str | None
+    error_detail: str | None  # what the driver saw: for admins only (paths, addresses, output)
+    failures: int  # loads failed in a row: each doubles the back-off
     retry_at: float | None  # wall clock: a failed load is not tried again before this
     retryable: bool
     load_blocked: bool  # failed and backing off: no request can load it now

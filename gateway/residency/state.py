@@ -39,6 +39,7 @@ class Residency:
     asleep: bool = False  # unloaded to host RAM (sleep level 1): a wake brings it back
     waking: bool = False  # the load running is a wake
     error: str | None = None
+    error_detail: str | None = None  # never shown to clients: it may name paths and addresses
     retry_at: float | None = None  # monotonic; a failed model is not loaded before this
     failures: int = 0
     retryable: bool = True  # whether the last failure may pass by itself (a file missing won't)
@@ -65,15 +66,18 @@ class Residency:
         self.load_count += 1
         self.failures = 0
         self.retryable = True
-        self.error = self.retry_at = None
+        self.error = self.error_detail = self.retry_at = None
         self._became_resident(now, wall)
 
-    def load_failed(self, now: float, error: str, retry_in: float, retryable: bool = True) -> None:
-        """`retry_in`: the back-off the policy chose (policies.backoff)."""
+    def load_failed(self, now: float, error: str, retry_in: float, retryable: bool = True,
+                    detail: str | None = None) -> None:
+        """`retry_in`: the back-off the policy chose (policies.backoff); `detail`: what the
+        driver saw (server output, addresses), for logs and admins only."""
         self._move((State.LOADING,), State.FAILED)
         self.asleep = self.waking  # a wake that failed leaves the weights where they were
         self.failures += 1
         self.error = error
+        self.error_detail = detail
         self.retryable = retryable
         self.retry_at = now + retry_in
 
@@ -115,7 +119,7 @@ class Residency:
         """The backend holds the model although the gateway did not load it."""
         self._move((State.UNLOADED, State.FAILED), State.LOADED)
         self.asleep = False
-        self.error = self.retry_at = None
+        self.error = self.error_detail = self.retry_at = None
         self._became_resident(now, wall)
 
     def _became_resident(self, now: float, wall: float) -> None:
