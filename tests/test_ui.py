@@ -9,6 +9,7 @@ import base64
 import hashlib
 import re
 import struct
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -27,6 +28,7 @@ WINDOW = (1280, 900)
 HEADER_RGB = (0x1D, 0x23, 0x30)  # the page's dark header
 OPS, TEAM = "sk-ui-ops", "sk-ui-team"
 MESSAGES = [{"role": "user", "content": "hi"}]
+ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     "alpha": {"path": "ollama:a:7b", "size_gb": 4.0, "aliases": ["gpt-4o-mini"], "ttl": 600},
     "beta": {"path": "ollama:b:7b", "size_gb": 6.0},
@@ -168,6 +170,23 @@ def test_a_failed_load_is_one_line_with_its_retry_time(start_server: Any, ollama
     assert page.count("trace line") <= 2 * 200  # in the row's details, and the swap's
     assert '<span class="state failed">failed</span><details class=error' in page  # its swap
     assert 'class="bar failed"' in page  # a red mark in the timeline
+
+
+def test_a_process_backends_server_shows_its_pid_and_port(
+        start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAPPER_STATE_DIR", str(tmp_path / "state"))
+    cmd = (f"{sys.executable} -m tests.emulators.openai_server --port {{port}} "
+           "--model {served_name}")
+    gateway = start(start_server, "http://127.0.0.1:9", models={
+        "local": {"backend": "local", "served_name": "local"}}, backends={
+        "local": {"kind": "process", "cmd": cmd, "env": {"PYTHONPATH": str(ROOT)},
+                  "start_timeout": 30}})
+    chat(gateway, "local")
+    server = httpx.get(gateway.url + "/status").json()["models"]["local"]["server"]
+    assert httpx.get(f"http://127.0.0.1:{server['port']}/health").status_code == 200
+    assert Path(f"/proc/{server['pid']}").exists()
+    page = httpx.get(gateway.url + "/ui").text
+    assert f"pid {server['pid']}, port {server['port']}" in cells(page, "local")["Backend"]
 
 
 def test_a_load_shows_its_progress_against_its_timeout(start_server: Any) -> None:

@@ -222,6 +222,7 @@ class SwapperApi:
             "nodes": {route.backend: route.node for route in shown.routes},
             "measured_gb": m.measured_gb,
             "asleep": m.asleep,
+            "server": {"pid": m.server[0], "port": m.server[1]} if m.server else None,
         }
 
     def _describe(self, shown: _Shown) -> dict[str, Any]:

@@ -260,6 +260,9 @@ def _backend(route: RouteRow) -> str:
         text += " <span class=sub>always on</span>"
     if route.serving and (route.fallback or not route.backend_up):
         text += " <span class=sub>serving</span>"
+    if m.server is not None:
+        pid, port = m.server
+        text += f" <span class=sub>pid {pid}, port {port}</span>"
     return text
 
 

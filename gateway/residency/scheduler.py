@@ -469,6 +469,7 @@ class Scheduler:
             failures=r.failures,
             retry_at=wall_of(r.retry_at) if r.state is State.FAILED else None,
             retryable=r.retryable, load_blocked=r.state is State.FAILED and not r.may_load(now),
+            server=slot.driver.server_of(model),
             asleep=r.asleep and r.state is not State.LOADED, last_wake_s=r.last_wake_s,
             view=view,
         )

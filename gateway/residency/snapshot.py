@@ -53,6 +53,7 @@ class ModelStatus:
     retry_at: float | None  # wall clock: a failed load is not tried again before this
     retryable: bool
     load_blocked: bool  # failed and backing off: no request can load it now
+    server: tuple[int, int] | None  # (pid, port) of its server, for a `process` backend
     asleep: bool  # put to sleep: its weights in host RAM, a wake away (vLLM sleep level 1)
     last_wake_s: float | None  # how long its last wake from sleep took
     view: ModelView  # the policies' view of it (monotonic times)

@@ -76,6 +76,9 @@ class Driver(Protocol):
     async def free_gb(self) -> float | None:
         """Free memory on the backend's node (its GPUs), where it can be read; else None."""
 
+    def server_of(self, model: ModelConfig) -> tuple[int, int] | None:
+        """(pid, port) of the server process the driver runs for `model`, if it runs one."""
+
     def after_request(self, model: ModelConfig) -> None:
         """A request for `model` has ended (its lease was released); never blocks. Drivers
         whose backend changes its own residency on requests (Ollama) react here."""

@@ -105,6 +105,9 @@ class HttpDriver:
     def url_for(self, model: ModelConfig) -> str:
         return self.base_url
 
+    def server_of(self, model: ModelConfig) -> tuple[int, int] | None:
+        return None  # a server someone else runs
+
     def after_request(self, model: ModelConfig) -> None:
         pass
 

@@ -210,6 +210,10 @@ class ProcessDriver:
             raise DriverError(f"{model.name}: no process is serving it")
         return process.url
 
+    def server_of(self, model: ModelConfig) -> tuple[int, int] | None:
+        process = self._processes.get(model.name)
+        return (process.pid, process.port) if process is not None else None
+
     def after_request(self, model: ModelConfig) -> None:
         pass  # a server process keeps its model for as long as it runs
 
