@@ -36,6 +36,14 @@ class RequestMetrics:
                               ["code"], registry=registry)
         self.loads = Histogram("swapper_model_load_seconds", "Model loads (swap-ins)",
                                ["model"], buckets=_SECONDS, registry=registry)
+        self._children: dict[tuple[Any, ...], Any] = {}  # labels() costs more than the sample
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         if state.get("error"):
@@ -43,14 +51,14 @@ class RequestMetrics:
         model = state.get("model")
         if model is None:
             return
-        self.requests.labels(model, str(record["status"])).inc()
-        self.duration.labels(model).observe(record["duration_ms"] / 1000)
+        self._child(self.requests, model, str(record["status"])).inc()
+        self._child(self.duration, model).observe(record["duration_ms"] / 1000)
         if record["ttfb_ms"] is not None:
-            self.ttfb.labels(model).observe(record["ttfb_ms"] / 1000)
+            self._child(self.ttfb, model).observe(record["ttfb_ms"] / 1000)
         usage = state.get("usage")
         if usage is not None:
-            self.tokens.labels(model, "prompt").inc(usage.prompt)
-            self.tokens.labels(model, "completion").inc(usage.completion)
+            self._child(self.tokens, model, "prompt").inc(usage.prompt)
+            self._child(self.tokens, model, "completion").inc(usage.completion)
 
     def loaded(self, model: str, seconds: float) -> None:
         self.loads.labels(model).observe(seconds)
