@@ -100,26 +100,32 @@ class AccessLog:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
-        record: dict[str, Any] = {"status": 500, "bytes": 0, "ttfb_ms": None}
+        status, sent, first_at = 500, 0, None
         header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_logged(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                record["status"] = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
-            elif message["type"] == "http.response.body":
+            nonlocal status, sent, first_at
+            if message["type"] == "http.response.body":  # most messages: checked first
                 body = message.get("body", b"")
-                if body and record["ttfb_ms"] is None:
-                    record["ttfb_ms"] = round((time.perf_counter() - started) * 1000, 2)
-                record["bytes"] += len(body)
+                if body:
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    sent += len(body)
+            elif message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_logged)
         finally:
-            record["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            if "first_byte_at" in state:  # a stream that waited: its first byte from upstream
-                record["ttfb_ms"] = round((state["first_byte_at"] - started) * 1000, 2)
+            ended = time.perf_counter()
+            first_at = state.get("first_byte_at", first_at)  # a stream that waited: upstream's
+            record: dict[str, Any] = {
+                "status": status, "bytes": sent,
+                "ttfb_ms": None if first_at is None else round((first_at - started) * 1000, 2),
+                "duration_ms": round((ended - started) * 1000, 2),
+            }
             record["wait_ms"] = state.get("wait_ms")
             if self.observer is not None:
                 self.observer(state, record)
