@@ -403,17 +403,18 @@ class CallPipeline:
         if exchange.cache.decision.write:
             chunks = self.services.cache.tee(exchange.cache, call, chunks, owner.answered)
         scanner = UsageScanner()
-        frames = exchange.shape.frames(call)
+        scan, frames, state = scanner.feed, exchange.shape.frames(call), exchange.state
         try:
             async for chunk in chunks:
-                exchange.state.setdefault("first_byte_at", time.perf_counter())
-                scanner.feed(chunk)
+                if "first_byte_at" not in state:
+                    state["first_byte_at"] = time.perf_counter()
+                scan(chunk)
                 yield frames.feed(chunk) if frames else chunk
             if frames:
                 yield frames.flush()
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-            exchange.state["usage"] = scanner.usage
+            state["usage"] = scanner.usage
 
 
 def _swap_timeout(request: Request) -> float | None:
