@@ -594,16 +594,25 @@ def _figures(outcome: Outcome) -> tuple[float, ...]:
 
 def table(results: Mapping[str, Mapping[str, Outcome]]) -> str:
     """A markdown table: each run's figures, then decide's ratios to both FIFOs."""
+    return _ratio_table(results, "scenario", _COLUMNS, _figures,
+                        ("decide", "decide"), ("fifo", "fifo-collated"))
+
+
+def _ratio_table(results: Mapping[str, Mapping[str, Outcome]], heading: str,
+                 columns: tuple[str, ...], figures: Callable[[Outcome], tuple[float, ...]],
+                 run: tuple[str, str], bases: tuple[str, ...]) -> str:
+    """Each run's figures, then `run`'s (its label, its short name) ratios to each base."""
+    label, short = run
     lines = [
-        "| scenario | run | " + " | ".join(_COLUMNS) + " |",
-        "|---|---|" + "---:|" * len(_COLUMNS),
+        f"| {heading} | run | " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
     ]
     for name, runs in results.items():
-        for label, outcome in runs.items():
-            lines.append(_row(name, label, [f"{x:.0f}" for x in _figures(outcome)]))
-        for base in ("fifo", "fifo-collated"):
-            ratios = map(_ratio, _figures(runs["decide"]), _figures(runs[base]))
-            lines.append(_row(name, f"decide / {base}", [f"{r:.2f}" for r in ratios]))
+        for each, outcome in runs.items():
+            lines.append(_row(name, each, [f"{x:.0f}" for x in figures(outcome)]))
+        for base in bases:
+            ratios = map(_ratio, figures(runs[label]), figures(runs[base]))
+            lines.append(_row(name, f"{short} / {base}", [f"{r:.2f}" for r in ratios]))
     return "\n".join(lines)
 
 
@@ -741,17 +750,8 @@ def _fleet_figures(outcome: Outcome) -> tuple[float, ...]:
 
 def fleet_table(results: Mapping[str, Mapping[str, Outcome]]) -> str:
     """Each run's figures, then the gateway's ratios to pinned fifo-collated and to random."""
-    lines = [
-        "| fleet trace | run | " + " | ".join(_FLEET_COLUMNS) + " |",
-        "|---|---|" + "---:|" * len(_FLEET_COLUMNS),
-    ]
-    for name, runs in results.items():
-        for label, outcome in runs.items():
-            lines.append(_row(name, label, [f"{x:.0f}" for x in _fleet_figures(outcome)]))
-        for base in ("pinned fifo-collated", "random decide"):
-            ratios = map(_ratio, _fleet_figures(runs["placed decide"]), _fleet_figures(runs[base]))
-            lines.append(_row(name, f"placed / {base}", [f"{r:.2f}" for r in ratios]))
-    return "\n".join(lines)
+    return _ratio_table(results, "fleet trace", _FLEET_COLUMNS, _fleet_figures,
+                        ("placed decide", "placed"), ("pinned fifo-collated", "random decide"))
 
 
 def fleet_targets(results: Mapping[str, Mapping[str, Outcome]], config: BatchingConfig) -> str:
