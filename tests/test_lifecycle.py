@@ -114,8 +114,15 @@ def test_a_stream_follower_whose_leader_fails_leaves_no_lease(
     gateway = vllm_gateway(start_gateway, upstream)
     emulator(upstream).fail("slow_first_byte", times=1)
     body = {"model": "m1", "messages": CHAT, "temperature": 0, "stream": True}
-    leader = threading.Thread(target=lambda: httpx.post(
-        gateway.url + "/v1/chat/completions", json=body, timeout=0.15))
+    gave_up: list[Exception] = []
+
+    def lead() -> None:
+        try:
+            httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=0.15)
+        except httpx.ReadTimeout as exc:
+            gave_up.append(exc)
+
+    leader = threading.Thread(target=lead)
     leader.start()  # its client gives up before the first byte: no answer for the followers
     wait_until(lambda: len(services(gateway).coalescer) == 1, message="the leader in flight")
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
@@ -126,6 +133,7 @@ def test_a_stream_follower_whose_leader_fails_leaves_no_lease(
         # The leader failed: the follower makes its own call, and its client leaves just then.
         assert next(line for line in lines if line and not line.startswith(": waiting"))
     leader.join()
+    assert gave_up  # the leader's client did leave first
     wait_until(lambda: leases_in_flight(gateway) == 0, message="every lease given back")
     assert len(services(gateway).coalescer) == 0
 
