@@ -34,6 +34,9 @@ class RequestMetrics:
                               ["model", "kind"], registry=registry)
         self.errors = Counter("swapper_errors", "Errors answered, by OpenAI error code",
                               ["code"], registry=registry)
+        self.model_errors = Counter("swapper_model_errors",
+                                    "Errors answered for a known model, by model and code",
+                                    ["model", "code"], registry=registry)
         self.loads = Histogram("swapper_model_load_seconds", "Model loads (swap-ins)",
                                ["model"], buckets=_SECONDS, registry=registry)
         self._children: dict[tuple[Any, ...], Any] = {}  # labels() costs more than the sample
@@ -51,6 +54,8 @@ class RequestMetrics:
         model = state.get("model")
         if model is None:
             return
+        if state.get("error"):
+            self._child(self.model_errors, model, state["error"]).inc()
         self._child(self.requests, model, str(record["status"])).inc()
         self._child(self.duration, model).observe(record["duration_ms"] / 1000)
         if record["ttfb_ms"] is not None:

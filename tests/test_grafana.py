@@ -120,6 +120,8 @@ def exported() -> Iterator[Exported]:
             refused = client.post("/v1/chat/completions", json={
                 "model": "nope", "messages": [{"role": "user", "content": "hi"}]})
             assert refused.status_code == 404
+            unserved = client.post("/v1/responses", json={"model": "alpha", "input": "hi"})
+            assert unserved.status_code == 404  # an error counted for a known model
             text = client.get("/metrics", headers={"accept": "text/plain"}).text
     assert 'swapper_cache_requests_total{result="hit"} 1.0' in text
     found = Exported(set(), {})

@@ -195,13 +195,13 @@ class CallPipeline:
         services = self.services
         resolved = resolved or self.resolve(request, call.model)
         backend = resolved.backend
+        state = request.scope["state"]
+        state.update(model=resolved.public.name, backend=backend.name)  # errors count for it too
         if call.endpoint not in backend.endpoints:
             raise GatewayError(
                 404, f"Model '{call.model}' (backend '{backend.name}') does not serve "
                 f"/v1/{call.endpoint}.", code="unsupported_endpoint", param="model",
             )
-        state = request.scope["state"]
-        state.update(model=resolved.public.name, backend=backend.name)
         ticket = services.cache.ticket(call, resolved.public, request.headers, state.get("tenant"))
         return Exchange(request, call, resolved.model, ticket, _swap_timeout(request),
                         resolved.public, shape)
