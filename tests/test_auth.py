@@ -148,6 +148,9 @@ def test_keys_are_never_logged(gateway: Any) -> None:
     with capture_logs() as logs:
         chat(gateway, TEAM_B)
         chat(gateway, "sk-wrong-secret")
+        # The line is written once the answer has gone out, so it may follow the client's read.
+        wait_until(lambda: sum(e["event"] == "request.done" for e in logs) == 2,
+                   message="both requests logged")
     done = [entry for entry in logs if entry["event"] == "request.done"]
     assert [entry["tenant"] for entry in done] == ["team-b", None]
     assert TEAM_B not in repr(logs) and "sk-wrong-secret" not in repr(logs)
