@@ -83,11 +83,8 @@ class CallOwner:
             self._upstream.close()  # a no-op once a complete answer went back to the pool
         if self._waiter is not None:
             self._scheduler.abandon(self._waiter)  # out of the queue, or its lease given back
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.cancel()
-        elif self._waiting is not None and not self._waiting.cancelled() \
-                and self._waiting.exception() is None:
-            self._waiting.result().release()
+        if self._waiting is not None:
+            self._waiting.cancel()  # a no-op once it holds the lease abandon just gave back
         if self._lease is not None:
             self._lease.release()
         self._lease = self._waiter = self._waiting = self._upstream = None

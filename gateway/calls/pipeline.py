@@ -262,7 +262,7 @@ class CallPipeline:
 
     async def complete(self, exchange: Exchange, owner: CallOwner) -> Response:
         call, services = exchange.call, self.services
-        body = await self.on_next_route(exchange, owner, lambda route: (
+        body = await self.on_next_route(exchange, lambda route: (
             services.embeddings.submit(call, route) if call.endpoint == "embeddings"
             else services.fetch_json(call, route, exchange.request.headers,
                                      exchange.request_id, exchange.swap_timeout)))
@@ -271,10 +271,11 @@ class CallPipeline:
         return json_response(exchange.shape.json(body),
                              headers={"x-cache": exchange.cache.header})
 
-    async def on_next_route(self, exchange: Exchange, owner: CallOwner,
+    async def on_next_route(self, exchange: Exchange,
                             attempt: Callable[[ModelConfig], Awaitable[T]]) -> T:
         """Run `attempt` on the model's route; if its backend refuses connections and the
-        model has a fallback that is up, run it once more there."""
+        model has a fallback that is up, run it once more there (a stream's second `ask`
+        gives back what the first route held)."""
         try:
             return await attempt(exchange.model)
         except GatewayError as error:
@@ -282,7 +283,6 @@ class CallPipeline:
             if error.code != "backend_unreachable" or alternative is exchange.model:
                 raise
         log.info("fallback.used", model=exchange.public.name, backend=alternative.backend)
-        owner.drop_lease()  # the first route's, if the attempt took one
         exchange.model = alternative
         exchange.state["backend"] = alternative.backend
         return await attempt(alternative)
@@ -290,7 +290,7 @@ class CallPipeline:
     # -- streams ----------------------------------------------------------------------------
 
     async def stream(self, exchange: Exchange, owner: CallOwner) -> Answer:
-        return await self.on_next_route(exchange, owner,
+        return await self.on_next_route(exchange,
                                         lambda route: self.stream_on(exchange, owner, route))
 
     async def stream_on(self, exchange: Exchange, owner: CallOwner,
