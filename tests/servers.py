@@ -77,6 +77,11 @@ def serve(app: Any, **options: Any) -> Iterator[ServerThread]:
         server.stop()
 
 
+def emulator(server: ServerThread) -> Any:
+    """The state of an emulated backend served by `server` (its load counts, failure modes)."""
+    return server.server.config.app.state.emulator
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, message: str = "condition") -> None:
     """Poll a condition (cheaply, bounded) until it holds; fail the test if it never does."""
     deadline = threading.Event()

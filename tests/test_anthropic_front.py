@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.emulators import openai_server as vllm_emulator
+from tests.servers import emulator
 
 TOKENS = 6
 HELLO = [{"role": "user", "content": "Say something about foxes."}]
@@ -20,10 +21,6 @@ WEATHER = {"name": "get_weather", "description": "The weather in a city",
                             "required": ["city"]}}
 EVENTS = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
           "message_delta", "message_stop"]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 @pytest.fixture

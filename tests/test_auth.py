@@ -25,10 +25,6 @@ ADMIN, TEAM_A, TEAM_B = "sk-admin-0123", "sk-team-a-4567", "sk-team-b-89ab"
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
-
-
 @pytest.fixture
 def vllm(start_server: Any) -> Any:
     return start_server(vllm_emulator.create_app(["org/m1", "org/m2"], tokens=6,

@@ -11,13 +11,9 @@ import openai
 import pytest
 
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 MESSAGES = [{"role": "user", "content": "One answer for everyone."}]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import reaped, wait_until
+from tests.servers import emulator, reaped, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +25,6 @@ def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def ask(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hello"}]}
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def test_vllm_sleep_mode_swaps_two_servers(start_server: Any, start_gateway: Any) -> None:

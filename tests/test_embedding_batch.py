@@ -12,13 +12,9 @@ from hypothesis import strategies as st
 
 from gateway.calls.embedding_batch import apportion
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 INPUTS: list[Any] = ["alpha", ["bravo", "charlie"], "delta echo", ["foxtrot"], "golf", "hotel"]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 @pytest.fixture

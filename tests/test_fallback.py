@@ -11,13 +11,9 @@ import pytest
 from gateway.config.schema import ConfigError, parse_config
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import free_port
+from tests.servers import emulator, free_port
 
 MESSAGES = [{"role": "user", "content": "hello"}]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def config(vllm_url: str, ollama_url: str) -> dict[str, Any]:

@@ -20,17 +20,13 @@ import pytest
 
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 CALLS = int(os.environ.get("INVARIANT_CALLS", "600"))
 CONCURRENCY = 24
 DEADLINE_S = 20.0
 SEEDS = (11, 12)
 FAILURES = ("500", "garbage", "malformed", "drop", "ignore_stream", "odd_embeddings")
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def config(ollama_url: str, vllm_url: str, embed_url: str) -> dict[str, Any]:

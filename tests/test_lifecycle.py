@@ -16,14 +16,10 @@ import pytest
 from gateway.config.schema import ConfigError, parse_config
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 from tests.test_config import _cli
 
 CHAT = [{"role": "user", "content": "Say something."}]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def services(gateway: Any) -> Any:

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.config.schema import DEFAULT_NODE, ConfigError, parse_config
 from tests.emulators import ollama as ollama_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 GB = 10**9
 LOAD_S = 0.6  # long enough that two loads in a row and two at once cannot be mistaken
@@ -30,10 +30,6 @@ LOAD_S = 0.6  # long enough that two loads in a row and two at once cannot be mi
 
 def ask(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def services(gateway: Any) -> Any:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
+from tests.servers import emulator
 
 TOKENS = 6
 HELLO = [{"role": "user", "content": "Say something about foxes."}]
@@ -23,10 +24,6 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 TEAM, TEAM_KEY, OPS_KEY = "team", "sk-team-1234", "sk-ops-5678"
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
-from tests.servers import free_port, wait_until
+from tests.servers import emulator, free_port, wait_until
 
 MESSAGES = [{"role": "user", "content": "Say something about foxes."}]
 
@@ -50,10 +50,6 @@ def gateway(start_gateway: Any, vllm: Any, ollama: Any) -> Any:
 
 def client(gateway: Any, **options: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, **options)
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def test_chat_json_through_alias_names_the_model_as_asked(gateway: Any, vllm: Any) -> None:

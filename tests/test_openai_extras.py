@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.emulators import openai_server as vllm_emulator
+from tests.servers import emulator
 
 AUDIO = b"RIFF" + bytes(range(256)) * 64  # what the client uploads (16 KiB)
 BACKENDS = {  # name -> (served model, endpoints it declares, emulator options)
@@ -53,10 +54,6 @@ def gateway(start_gateway: Any, backends: dict[str, Any]) -> Any:
 def client(gateway: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0,
                          timeout=30)
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def awake(backends: dict[str, Any]) -> list[str]:

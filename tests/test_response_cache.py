@@ -13,14 +13,11 @@ import redis
 from policies.caching import MAX_TTL_S
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
+from tests.servers import emulator
 
 MESSAGES = [{"role": "user", "content": "Tell me about caching."}]
 TOOLS = [{"type": "function", "function": {
     "name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def config(vllm_url: str, served: str = "org/m1", **cache: Any) -> dict[str, Any]:

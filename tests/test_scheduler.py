@@ -13,17 +13,13 @@ import openai
 import pytest
 
 from tests.emulators import ollama as ollama_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 GB = 1024**3
 
 
 def ask(model: str, text: str = "hello") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}]}
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def services(gateway: Any) -> Any:
@@ -163,8 +159,10 @@ def test_the_back_off_grows_in_status_and_the_drivers_detail_is_for_admins_only(
     gateway = start_gateway(config)
     scheduler = services(gateway).scheduler
     slot = scheduler.slots["a"]
-    with httpx.Client(base_url=gateway.url, timeout=10,
-                      headers={"authorization": "Bearer team-key"}) as team:
+    # No kept-alive connection across the 5 s back-off: uvicorn closes idle ones after 5 s.
+    with httpx.Client(base_url=gateway.url, timeout=10, headers={
+            "authorization": "Bearer team-key"},
+            limits=httpx.Limits(max_keepalive_connections=0)) as team:
         retries = []
         for attempt in (1, 2):
             wait_until(lambda: slot.residency.may_load(scheduler.clock()), timeout=15,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.emulators import ollama as ollama_emulator
-from tests.servers import wait_until
+from tests.servers import emulator, wait_until
 
 Check = Callable[[Any], bool]
 NUMBER = (int, float)
@@ -100,10 +100,6 @@ def config(ollama_url: str, **swapper: Any) -> dict[str, Any]:
 @pytest.fixture
 def gateway(start_gateway: Any, ollama: Any) -> Any:
     return start_gateway(config(ollama.url))
-
-
-def emulator(server: Any) -> Any:
-    return server.server.config.app.state.emulator
 
 
 def get(gateway: Any, path: str) -> Any:
