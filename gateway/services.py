@@ -53,7 +53,8 @@ class Services:
             for name, backend in config.backends.items()
         }
         self.scheduler = Scheduler(config, self.catalog, self.drivers,
-                                   coordinator=_coordinator(config))
+                                   coordinator=_coordinator(config),
+                                   sessions=self.upstreams.session)
         self.fallback = Fallback(lambda: self.catalog, self.scheduler, self.drivers, self.health)
         self.cache = ResponseCache(config.cache)
         self.metrics = Metrics(self.scheduler, self.cache)
@@ -157,7 +158,8 @@ class Services:
 
 
 def _models_of(catalog: Catalog, backend: str) -> list[ModelConfig]:
-    return [m for m in catalog.all_models() if m.backend == backend]
+    """What the backend's driver loads: its models, not the adapters their servers carry."""
+    return [m for m in catalog.all_models() if m.backend == backend and m.adapter_of is None]
 
 
 GC_THRESHOLD = (35_000, 10, 10)

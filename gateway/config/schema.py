@@ -113,6 +113,10 @@ class ModelConfig:
         ("fallback[]", "routes[]"), (), keys=("backend", "served_name", "path", "size_gb"))
     route_of: str | None = _yaml(None, None)
     placed: bool = _yaml(None, False)  # given as `routes:`: placement picks among them
+    # A LoRA adapter served by its base model's vLLM (gateway.residency.adapters): the base's
+    # name, and the adapter's folder as vLLM reads it (None: vLLM was started with it).
+    adapter_of: str | None = None
+    adapter_path: str | None = None
 
     @property
     def public_name(self) -> str:
@@ -905,10 +909,58 @@ def _backends(reader: _Reader, data: Mapping[str, Any],
 
 def _models(reader: _Reader, data: Mapping[str, Any], backends: dict[str, BackendConfig],
             ollama_url: str) -> dict[str, ModelConfig]:
-    read = {str(name): reader.attempt(lambda name=name, spec=spec: _model(
-                reader, str(name), spec, backends, ollama_url))
-            for name, spec in reader.section(data, "models", "").items()}
-    return {name: model for name, model in read.items() if model is not None}
+    specs = {str(name): spec for name, spec in reader.section(data, "models", "").items()}
+    adapters = {name: spec for name, spec in specs.items()
+                if isinstance(spec, Mapping) and "adapter_of" in spec}
+    read = {name: reader.attempt(lambda name=name, spec=spec: _model(
+                reader, name, spec, backends, ollama_url))
+            for name, spec in specs.items() if name not in adapters}
+    bases = {name: model for name, model in read.items() if model is not None}
+    for name, spec in adapters.items():  # after every base, wherever the YAML lists them
+        read[name] = reader.attempt(lambda name=name, spec=spec: _adapter(
+            reader, name, spec, bases, backends))
+    return {name: read[name] for name in specs if read.get(name) is not None}
+
+
+_ADAPTER_BACKENDS = frozenset({"process", "openai", "vllm-sleep"})  # where a vLLM may run
+# Keys whose value an adapter takes from its base: it has no memory or residency of its own.
+_BASE_KEYS = ("backend", "routes", "fallback", "path", "size_gb", "ttl", "num_ctx")
+
+
+def _adapter(reader: _Reader, name: str, data: Mapping[str, Any],
+             bases: Mapping[str, ModelConfig],
+             backends: Mapping[str, BackendConfig]) -> ModelConfig:
+    """`adapter_of: BASE`: a LoRA adapter that BASE's vLLM serves beside it."""
+    path = f"models.{name}"
+    base_name = reader.get(data, "adapter_of", path, str, None)
+    base = bases.get(str(base_name))
+    if base is None:
+        raise reader.fail(_join(path, "adapter_of"), f"unknown base model {base_name!r}"
+                          + suggestion(str(base_name), bases))
+    for key in _BASE_KEYS:
+        if key in data:
+            raise reader.fail(_join(path, key), f"an adapter takes its {key} from its base "
+                              f"model {base.name!r}: leave it out")
+    if base.fallbacks:
+        raise reader.fail(_join(path, "adapter_of"), f"base model {base.name!r} has several "
+                          "routes; an adapter needs a base served by one vLLM")
+    kind = backends[base.backend].kind
+    if kind not in _ADAPTER_BACKENDS:
+        raise reader.fail(_join(path, "adapter_of"), f"base model {base.name!r} is served by "
+                          f"a {kind!r} backend; LoRA adapters need vLLM (a process, openai "
+                          "or vllm-sleep backend)")
+    aliases = reader.get(data, "aliases", path, list, [])
+    cache = reader.section(data, "cache", path)
+    return ModelConfig(
+        name=name, backend=base.backend,
+        served_name=reader.get(data, "served_name", path, str, None) or name,
+        aliases=tuple(alias for alias in aliases if isinstance(alias, str)),
+        type=base.type, priority=base.priority,
+        max_concurrent=_positive_int(reader, data, "max_concurrent", path),
+        cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
+        cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
+        adapter_of=base.name, adapter_path=reader.get(data, "adapter_path", path, str, None),
+    )
 
 
 def _check_serves_something(reader: _Reader, models: Mapping[str, ModelConfig],

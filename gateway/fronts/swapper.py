@@ -220,6 +220,7 @@ class SwapperApi:
             "in_flight": m.in_flight,
             "node": m.node,
             "nodes": {route.backend: route.node for route in shown.routes},
+            "adapter_of": m.adapter_of,
             "measured_gb": m.measured_gb,
             "asleep": m.asleep,
             "server": {"pid": m.server[0], "port": m.server[1]} if m.server else None,

@@ -256,7 +256,9 @@ def _backend(route: RouteRow) -> str:
     m = route.status
     health = "up" if route.backend_up else "down"
     text = (f'<span class="dot {health}" title="backend {health}"></span>{escape(m.backend)}')
-    if not m.managed:
+    if m.adapter_of is not None:
+        text += f" <span class=sub>adapter of {escape(m.adapter_of)}</span>"
+    elif not m.managed:
         text += " <span class=sub>always on</span>"
     if route.serving and (route.fallback or not route.backend_up):
         text += " <span class=sub>serving</span>"

@@ -64,6 +64,8 @@ class Waiter:
     enqueued_at: float
     future: asyncio.Future[Lease]
     counted: bool = True  # an API call (counted in request_count), not an admin load
+    # Queued in its base's queue for a LoRA adapter (this name): its lease is the adapter's.
+    adapter: str | None = None
 
 
 @dataclass
@@ -90,7 +92,8 @@ class Slot:
 
     @property
     def managed(self) -> bool:
-        return self.driver.manages_residency
+        """Its residency is the scheduler's to plan: an adapter's is its base's (adapters)."""
+        return self.driver.manages_residency and self.model.adapter_of is None
 
     @property
     def sleeps(self) -> bool:

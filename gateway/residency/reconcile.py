@@ -42,7 +42,7 @@ class Truth:
             self.wake()  # only news is worth a decision
 
     async def _reconcile_driver(self, driver: Driver) -> None:
-        slots = [s for s in self.slots.values() if s.driver is driver]
+        slots = [s for s in self.slots.values() if s.driver is driver and s.managed]
         before = {id(s): s.residency.generation for s in slots}
         try:
             truth = await driver.resident()

@@ -27,6 +27,7 @@ from gateway.config.catalog import Catalog
 from gateway.config.schema import GatewayConfig, ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay.proxy import Target
+from gateway.residency.adapters import Adapters, SessionFor
 from gateway.residency.admission import (
     HOLD_S,
     Admission,
@@ -66,9 +67,11 @@ class Scheduler:
     def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
                  clock: Callable[[], float] = time.monotonic,
                  coordinator: Coordinator | None = None,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 sessions: SessionFor | None = None) -> None:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.clock = clock
+        self.adapters = Adapters(sessions or _no_sessions, clock)
         self.jitter = jitter  # spreads the Retry-After of refused clients
         self.slots: dict[str, Slot] = {}
         self.truth = Truth(self.slots, clock, self.wake, self._spawn)
@@ -100,7 +103,7 @@ class Scheduler:
                 slot = self.slots[name] = Slot(Residency(model), drivers[model.backend])
                 slot.measured = self.meter.recall(model)
                 slot.idle.set()
-                if not slot.managed:
+                if not slot.managed and model.adapter_of is None:
                     slot.residency.found(self.clock(), time.time())
             slot.residency.model, slot.driver = model, drivers[model.backend]
             slot.node = config.node_of(model.backend)
@@ -124,6 +127,8 @@ class Scheduler:
         """
         if self._closing:
             raise shutting_down()
+        if model.adapter_of is not None:
+            return self._request_adapter(model, counted)
         slot = self.slots[model.name]
         now = self.clock()
         if counted:
@@ -169,6 +174,63 @@ class Scheduler:
             yield lease
         finally:
             lease.release()
+
+    def _request_adapter(self, model: ModelConfig, counted: bool) -> Lease | Waiter:
+        """A LoRA adapter's call is its base's demand (see `adapters`): a lease on the base,
+        taken as the adapter's once the adapter is registered on the base's residency."""
+        adapter, base = self.slots[model.name], self.slots[model.adapter_of or ""]
+        now = self.clock()
+        r = adapter.residency
+        if r.state is State.FAILED and not r.may_load(now):
+            raise load_failed(model.name, r.error or "unknown error",
+                              (r.retry_at or now) - now, r.retryable)
+        if counted:
+            adapter.rate.arrived(now)
+            base.rate.arrived(now)  # the base's demand, as placement and the policy see it
+        ticket = self.request(base.model, counted=False)
+        if isinstance(ticket, Waiter):
+            ticket.adapter, ticket.counted = model.name, counted
+            return ticket
+        if self.adapters.ready(adapter, base):
+            return self._adapter_lease(adapter, ticket, now, counted)
+        waiter = Waiter(base.model.name, now, asyncio.get_running_loop().create_future(),
+                        counted, adapter=model.name)
+        self._spawn(self._adapt(waiter, ticket))
+        return waiter
+
+    async def _adapt(self, waiter: Waiter, base_lease: Lease) -> None:
+        """Register the waiter's adapter on its base, then hand it the adapter's lease."""
+        adapter, base = self.slots[waiter.adapter or ""], self.slots[waiter.model]
+        try:
+            await self.adapters.register(adapter, base, base_lease.target.base_url)
+        except DriverError as exc:
+            base_lease.release()
+            r = adapter.residency
+            if not waiter.future.done():
+                waiter.future.set_exception(load_failed(
+                    adapter.model.name, str(exc), (r.retry_at or 0) - self.clock(), r.retryable))
+            return
+        except BaseException:  # the gateway is stopping
+            base_lease.release()
+            if not waiter.future.done():
+                waiter.future.set_exception(shutting_down())
+            raise
+        if waiter.future.done():  # its client left meanwhile
+            base_lease.release()
+        else:
+            waiter.future.set_result(
+                self._adapter_lease(adapter, base_lease, self.clock(), waiter.counted))
+
+    def _adapter_lease(self, adapter: Slot, base_lease: Lease, now: float,
+                       counted: bool) -> Lease:
+        adapter.leased(now, counted)
+        target = replace(base_lease.target, served_name=adapter.model.served_name)
+
+        def release() -> None:
+            base_lease.release()
+            adapter.released(self.clock(), now)
+
+        return Lease(target, release)
 
     def queue_depth(self, name: str) -> int:
         return len(self.slots[name].queue)
@@ -216,6 +278,8 @@ class Scheduler:
         elif waiter.future.done() and not waiter.future.cancelled() \
                 and waiter.future.exception() is None:
             waiter.future.result().release()  # granted just as its client gave up
+        else:
+            waiter.future.cancel()  # an adapter being registered: `_adapt` gives the lease back
         self.wake()
 
     # -- deciding ---------------------------------------------------------------------------
@@ -243,6 +307,8 @@ class Scheduler:
         for slot in self.slots.values():
             if slot.hold_expired(now):
                 slot.reopen(Admission.HELD)
+            if slot.model.adapter_of is not None:
+                self.adapters.follow_base(slot, self.slots[slot.model.adapter_of])
         wakes = [self._step_node(lane, now) for lane in self.lanes.values()]
         for slot in self.slots.values():
             if not slot.managed:
@@ -296,9 +362,14 @@ class Scheduler:
             if waiter.future.done():
                 continue
             try:
-                waiter.future.set_result(self._grant(slot, now, waiter.counted))
+                lease = self._grant(slot, now, waiter.counted and waiter.adapter is None)
             except GatewayError as error:
                 waiter.future.set_exception(error)
+                continue
+            if waiter.adapter is None:
+                waiter.future.set_result(lease)
+            else:
+                self._spawn(self._adapt(waiter, lease))
 
     # -- swapping ---------------------------------------------------------------------------
 
@@ -455,7 +526,8 @@ class Scheduler:
         loading = r.state is State.LOADING and r.load_started is not None
         return ModelStatus(
             name=model.name, model=model.public_name, backend=model.backend, node=slot.node,
-            managed=slot.managed, state=r.state, admission=slot.admission.value,
+            managed=slot.managed, adapter_of=model.adapter_of, state=r.state,
+            admission=slot.admission.value,
             queue=len(slot.queue), in_flight=slot.in_flight, request_count=slot.request_count,
             load_count=r.load_count, size_gb=model.size_gb,
             measured_gb=slot.measured.gb if slot.measured else None,
@@ -512,12 +584,14 @@ class Scheduler:
         """Load a model now (as a request for it would), evicting others as the policy says."""
         slot = self.slots[name]
         slot.reopen(Admission.CLOSING)
-        if slot.managed:
+        if slot.managed or slot.model.adapter_of is not None:
             (await self.acquire(slot.model, timeout_s, counted=False)).release()
 
     async def unload(self, name: str) -> None:
         """Stop admitting, let in-flight requests finish, then unload."""
         slot = self.slots[name]
+        if slot.model.adapter_of is not None:
+            return await self._unload_adapter(slot)
         if not slot.managed or slot.residency.state is not State.LOADED:
             return
         slot.close(Admission.CLOSING)
@@ -530,6 +604,19 @@ class Scheduler:
         finally:
             slot.reopen(Admission.CLOSING)
             self.wake()
+
+    async def _unload_adapter(self, adapter: Slot) -> None:
+        """Drop an adapter from its base's vLLM once its calls have finished; the base stays."""
+        base = self.slots[adapter.model.adapter_of or ""]
+        adapter.close(Admission.CLOSING)
+        try:
+            await adapter.idle.wait()
+            if self.adapters.ready(adapter, base):
+                await self.adapters.unregister(adapter, base, base.driver.url_for(base.model))
+        except DriverError as exc:
+            log.warning("model.unload_failed", model=adapter.model.name, error=str(exc))
+        finally:
+            adapter.reopen(Admission.CLOSING)
 
     # -- truth from the backends ------------------------------------------------------------
 
@@ -669,6 +756,10 @@ class _NodeBox:
     def begin_swap(self, evict: tuple[str, ...], load: str | None, reason: str,
                    sleep: tuple[str, ...] = ()) -> None:
         self._scheduler.begin_swap(self._lane, evict, load, reason, sleep)
+
+
+def _no_sessions(backend: str) -> Any:
+    raise DriverError(f"backend '{backend}': no HTTP client for LoRA adapters was given")
 
 
 def _ttl_due(view: ModelView) -> float | None:

@@ -29,6 +29,7 @@ class ModelStatus:
     backend: str
     node: str
     managed: bool  # False: a server someone else runs, always on, outside every budget
+    adapter_of: str | None  # a LoRA adapter of this base model (its residency is the base's)
     state: State
     admission: str  # open | draining | evicting | held | closing (see residency.admission)
     queue: int

@@ -3,7 +3,8 @@
 Answers are synthesised, not generated: the text is a pure function of (model, prompt, seed), so
 a test can predict it and check that the gateway relayed it byte-for-byte. Beside completions
 and embeddings it serves rerank, image generation, speech (a binary stream) and transcription
-(multipart uploads), as vLLM, llama.cpp and OpenAI document them. Every observable
+(multipart uploads), as vLLM, llama.cpp and OpenAI document them, and with ``lora=True``
+vLLM's runtime LoRA API (adapters registered on its first model). Every observable
 (requests, in-flight streams, client cancellations, sleeps) is counted on ``app.state.emulator``,
 and failure modes can be switched on at runtime with ``state.fail(mode)``.
 
@@ -13,7 +14,7 @@ stream tracking) that the Ollama emulator's ``/v1`` layer reuses. It imports not
 it::
 
     python -m tests.emulators.openai_server --port 8001 --model m1 [--model m2]
-        [--startup-delay S] [--token-delay S] [--embedding] [--sleep-mode]
+        [--startup-delay S] [--token-delay S] [--embedding] [--sleep-mode] [--lora]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -436,6 +438,11 @@ class EmulatorState:
     sleep_count: int = 0
     wake_count: int = 0
     sleeps_while_busy: int = 0  # /sleep called while requests were in flight
+    # LoRA adapters registered at run time (vLLM's --enable-lora with
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING): name -> path; each rides on served_models[0].
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapter_delay: float = 0.02  # reading an adapter's few MB from disk
+    adapter_loads: int = 0
     requests: Counter[str] = field(default_factory=Counter)  # admitted, per model
     paths: Counter[str] = field(default_factory=Counter)  # every inference call, per path
     in_flight: int = 0
@@ -907,7 +914,7 @@ async def _admit(request: Request, state: EmulatorState) -> tuple[dict[str, Any]
     state.last_request = body
     _, required, api_name, embedding_api = ENDPOINTS[request.url.path]
     model = body.get("model") or state.served_models[0]  # vLLM defaults to its served model
-    if model not in state.served_models:
+    if model not in state.served_models and model not in state.adapters:
         return vllm_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
     if body.get(required) in (None, "", []):
         return vllm_error(400, f"Field required: {required}", "BadRequestError", required)
@@ -1015,7 +1022,54 @@ async def _models(request: Request) -> Response:
         }
         for name in state.served_models
     ]
+    cards += [{"id": name, "object": "model", "created": state.created, "owned_by": "vllm",
+               "root": path, "parent": state.served_models[0], "max_model_len": None,
+               "permission": []} for name, path in state.adapters.items()]
     return JSONResponse({"object": "list", "data": cards})
+
+
+async def _lora_request(request: Request) -> tuple[EmulatorState, dict[str, Any]] | Response:
+    state: EmulatorState = request.app.state.emulator
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        return vllm_error(400, f"JSON decode error: {exc}", "BadRequestError")
+    if not isinstance(body, dict) or not body.get("lora_name"):
+        return vllm_error(400, "Field required: lora_name", "BadRequestError", "lora_name")
+    return state, body
+
+
+async def _load_lora_adapter(request: Request) -> Response:
+    """As vLLM: the adapter's folder must hold a PEFT adapter (its adapter_config.json)."""
+    checked = await _lora_request(request)
+    if isinstance(checked, Response):
+        return checked
+    state, body = checked
+    name, path = body["lora_name"], body.get("lora_path")
+    if not path:
+        return vllm_error(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                          "BadRequestError")
+    if name in state.adapters:
+        return vllm_error(400, f"The lora adapter '{name}' has already been loaded.",
+                          "InvalidUserInput")
+    await asyncio.sleep(state.adapter_delay)
+    if not (Path(path) / "adapter_config.json").is_file():
+        return vllm_error(400, f"Loading lora {name} failed: No adapter found for {path}",
+                          "BadRequestError")
+    state.adapters[name] = path
+    state.adapter_loads += 1
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora_adapter(request: Request) -> Response:
+    checked = await _lora_request(request)
+    if isinstance(checked, Response):
+        return checked
+    state, body = checked
+    if state.adapters.pop(body["lora_name"], None) is None:
+        return vllm_error(404, f"The lora adapter '{body['lora_name']}' cannot be found.",
+                          "NotFoundError")
+    return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
 
 
 async def _sleep(request: Request) -> Response:
@@ -1060,13 +1114,16 @@ def create_app(
     first_byte_delay: float = 1.0,
     embedding_dim: int = EMBEDDING_DIM,
     asleep: bool = False,
+    lora: bool = False,
 ) -> Starlette:
     """A vLLM-like server for `served_models`.
 
     `embedding=True` makes it an embedding model (like `vllm serve --runner pooling`): it serves
     /v1/embeddings and refuses generation, and the other way round when False. `sleep_mode`
     adds vLLM's dev endpoints /sleep, /wake_up and /is_sleeping; `asleep` starts it asleep, as
-    an operator leaves a server for the gateway to wake.
+    an operator leaves a server for the gateway to wake. `lora` adds vLLM's runtime LoRA API
+    (/v1/load_lora_adapter, /v1/unload_lora_adapter), as `--enable-lora` with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True does.
     """
     models = [served_models] if isinstance(served_models, str) else list(served_models)
     if not models:
@@ -1093,6 +1150,11 @@ def create_app(
         Route("/v1/audio/transcriptions", _transcribe, methods=["POST"]),
         Route("/v1/audio/translations", _transcribe, methods=["POST"]),
     ]
+    if lora:
+        routes += [
+            Route("/v1/load_lora_adapter", _load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", _unload_lora_adapter, methods=["POST"]),
+        ]
     if sleep_mode:
         routes += [
             Route("/sleep", _sleep, methods=["POST"]),
@@ -1121,6 +1183,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--embedding", action="store_true", help="serve embeddings only")
     parser.add_argument("--sleep-mode", action="store_true", help="enable /sleep and /wake_up")
     parser.add_argument("--wake-delay", type=float, default=0.5)
+    parser.add_argument("--lora", action="store_true", help="enable the runtime LoRA API")
     parser.add_argument("--failure", choices=sorted(FAILURES))
     parser.add_argument("--graceful-timeout", type=float, default=5.0)
     return parser.parse_args(argv)
@@ -1141,6 +1204,7 @@ def main(argv: list[str] | None = None) -> None:
         failure=args.failure,
         embedding=args.embedding,
         wake_delay=args.wake_delay,
+        lora=args.lora,
     )
     # Bind before announcing, so the printed URL (with the real port when --port 0) is live.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -19,11 +19,12 @@ class DriverError(Exception):
     """
 
     def __init__(self, message: str, *, detail: str | None = None,
-                 retryable: bool = True) -> None:
+                 retryable: bool = True, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail or message
         self.retryable = retryable
+        self.status = status  # the backend's HTTP status, when it answered one
 
 
 @dataclass(frozen=True)

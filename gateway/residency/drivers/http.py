@@ -36,7 +36,8 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, *,
         text = body.decode("utf-8", "replace")
         raise DriverError(f"{who} answered {response.status}: {_error_text(text)}",
                           detail=f"{method} {url} answered {response.status}: {text[:2000]}",
-                          retryable=response.status >= 500 or response.status in _TRANSIENT)
+                          retryable=response.status >= 500 or response.status in _TRANSIENT,
+                          status=response.status)
     try:
         return orjson.loads(body) if body.strip() else None
     except orjson.JSONDecodeError:
