@@ -10,7 +10,9 @@ from urllib.parse import quote
 
 import orjson
 
-ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
+ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "rerank"})
+# Answers that are a pure function of the input, whatever the sampling fields say.
+_PURE = frozenset({"embeddings", "rerank"})
 
 # Body fields that never change the answer: transport (`stream`, `stream_options`: a completion is
 # stored once and replayed either way), the resolved model (already in the key), and bookkeeping.
@@ -82,8 +84,8 @@ def cache_decision(
         return no("no-store")
     if ttl_s <= 0:
         return no("ttl_zero")
-    if endpoint == "embeddings":
-        reason = "embeddings"
+    if endpoint in _PURE:
+        reason = endpoint
     elif _deterministic(body):
         reason = "deterministic"
     elif client_ttl is not None:

@@ -88,6 +88,22 @@ def test_rerank_swaps_with_the_chat_model(gateway: Any, backends: dict[str, Any]
     assert rerank.status_code == 200 and awake(backends) == ["reranker"]
 
 
+def test_a_repeated_rerank_is_answered_from_the_cache(gateway: Any,
+                                                     backends: dict[str, Any]) -> None:
+    """A RAG stack reranks the same candidates again and again: scores are a pure function of
+    the query and the documents, so the second identical call never reaches the backend."""
+    ask = {"model": "reranker", "query": "quick brown fox", "documents": DOCUMENTS}
+    first = httpx.post(gateway.url + "/v1/rerank", timeout=30, json=ask)
+    again = httpx.post(gateway.url + "/rerank", timeout=30, json=ask)
+    other = httpx.post(gateway.url + "/v1/rerank", timeout=30, json={**ask, "query": "cats"})
+
+    assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
+    assert again.json()["results"] == first.json()["results"]
+    assert again.json()["model"] == "reranker"
+    assert other.headers["x-cache"] == "MISS"
+    assert emulator(backends["reranker"]).requests["org/rerank"] == 2
+
+
 def test_a_model_whose_backend_has_no_rerank_is_told_so(gateway: Any) -> None:
     answer = httpx.post(gateway.url + "/v1/rerank", timeout=30, json={
         "model": "chat", "query": "q", "documents": ["d"]})

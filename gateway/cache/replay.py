@@ -1,8 +1,9 @@
 """Completion records: one stored answer, replayed as JSON or as an OpenAI SSE stream.
 
 A record is the non-streamed OpenAI response body as a dict (`chat.completion`,
-`text_completion`, or the embeddings `list`). Streamed answers are folded into that same shape by
-`SseAccumulator`, so either kind of request can be served from either kind of upstream answer.
+`text_completion`, the embeddings `list`, or a rerank answer with its `results`). Streamed
+answers are folded into that same shape by `SseAccumulator`, so either kind of request can be
+served from either kind of upstream answer.
 Only complete answers become records: every choice has a `finish_reason` and, for streams, the
 stream ended with `data: [DONE]`.
 """
@@ -19,6 +20,7 @@ _OBJECTS = {
     "chat/completions": "chat.completion",
     "completions": "text_completion",
     "embeddings": "list",
+    "rerank": "rerank",  # no `object` of its own: the key only marks it as storable
 }
 _CHUNK_OBJECTS = {"chat.completion": "chat.completion.chunk", "text_completion": "text_completion"}
 # Delta fields that arrive in pieces and are concatenated; every other scalar is set, not appended,
@@ -43,6 +45,8 @@ def record_from_json(endpoint: str, body: bytes) -> Record | None:
         return None
     if endpoint == "embeddings":
         return response if isinstance(response.get("data"), list) else None
+    if endpoint == "rerank":
+        return response if isinstance(response.get("results"), list) else None
     choices = response.get("choices")
     if not choices or not all(_finished(choice) for choice in choices):
         return None

@@ -79,7 +79,7 @@ class ResponseCache:
         """The stored answer as the client asked for it: JSON bytes or SSE events."""
         if "model" in record:
             record = {**record, "model": call.model}
-        if call.stream and call.endpoint != "embeddings":
+        if call.stream and call.endpoint in ("chat/completions", "completions"):
             return render_sse(record, include_usage=call.include_usage)
         return render_json(record)
 
