@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp import ClientResponse
-
 from gateway.cache.replay import Record
 from gateway.calls.coalescing import Leadership
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError
+from gateway.relay.client import UpstreamResponse
 from gateway.residency.admission import Lease, Waiter
 from gateway.residency.scheduler import Scheduler
 
@@ -31,7 +30,7 @@ class CallOwner:
         self._waiter: Waiter | None = None
         self._waiting: asyncio.Task[Lease] | None = None
         self._asked_at = 0.0
-        self._upstream: ClientResponse | None = None
+        self._upstream: UpstreamResponse | None = None
         self.closed = False
 
     def ask(self, route: ModelConfig, deadline_s: float | None) -> asyncio.Future[Lease]:
@@ -59,7 +58,7 @@ class CallOwner:
     def waited_ms(self) -> float:
         return round((time.perf_counter() - self._asked_at) * 1000, 2)
 
-    def opened(self, response: ClientResponse) -> None:
+    def opened(self, response: UpstreamResponse) -> None:
         """The upstream answer being relayed: its connection is dropped if the call ends first."""
         self._upstream = response
 

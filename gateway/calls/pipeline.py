@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from aiohttp import ClientResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -32,6 +31,7 @@ from gateway.calls.owner import CallOwner
 from gateway.calls.parse import ApiCall, too_large
 from gateway.config.schema import BackendConfig, ModelConfig
 from gateway.errors import GatewayError, model_not_found
+from gateway.relay.client import UpstreamResponse
 from gateway.relay.proxy import check_stream_answer
 from gateway.relay.stream import SSE_HEADERS, RelayResponse, until_disconnect
 from gateway.relay.usage import UsageScanner, usage_of
@@ -321,7 +321,7 @@ class CallPipeline:
         return RelayResponse(self.relay(exchange, owner, response, lease), headers=headers)
 
     async def json_to_stream(self, exchange: Exchange, owner: CallOwner,
-                             response: ClientResponse, lease: Lease) -> Answer:
+                             response: UpstreamResponse, lease: Lease) -> Answer:
         """A backend that does not stream answered JSON: the OpenAI front passes it on as it
         is; a translating front gets it as the stream its client asked for."""
         proxy, call = self.services.proxy, exchange.call
@@ -337,7 +337,7 @@ class CallPipeline:
                              headers=self.stream_headers(exchange, exchange.cache.header))
 
     async def open_stream(self, exchange: Exchange, owner: CallOwner,
-                          lease: Lease) -> ClientResponse:
+                          lease: Lease) -> UpstreamResponse:
         exchange.state["wait_ms"] = owner.waited_ms()
         response = await self.services.proxy.open(
             exchange.call, lease.target, exchange.request.headers, exchange.request_id)
@@ -393,7 +393,7 @@ class CallPipeline:
             async for chunk in chunks:  # closed at once if our own client leaves
                 yield chunk
 
-    async def relay(self, exchange: Exchange, owner: CallOwner, response: ClientResponse,
+    async def relay(self, exchange: Exchange, owner: CallOwner, response: UpstreamResponse,
                     lease: Lease) -> AsyncIterator[bytes]:
         """The upstream stream, teed into the cache, in the front's shape (for the OpenAI
         front: as it came, but for the usage the gateway asked for on the client's behalf,

@@ -7,7 +7,6 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 import structlog
 
@@ -15,6 +14,14 @@ from gateway.calls.parse import ApiCall
 from gateway.config.schema import BackendConfig
 from gateway.errors import OPENAI_ERROR_TYPES, GatewayError
 from gateway.redaction import first_meaningful, public_line
+from gateway.relay.client import (
+    Client,
+    ConnectFailed,
+    IncompleteAnswer,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from gateway.relay.stream import ModelRenamer
 from gateway.relay.upstream import Upstreams
 from gateway.residency.backend_health import BackendHealth
@@ -61,25 +68,25 @@ def backend_failure(backend: BackendConfig, exc: BaseException) -> GatewayError:
     address and the exception stay in the log."""
     name = backend.name
     log.warning("backend.failed", backend=name, error=f"{type(exc).__name__}: {exc}"[:500])
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return GatewayError(502, f"Backend '{name}' is unreachable ({_connect_failure(exc)}).",
                             code="backend_unreachable")
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError | UpstreamTimeout):
         return GatewayError(504, f"Backend '{name}' did not answer in time.",
                             code="backend_timeout")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, IncompleteAnswer):
         return GatewayError(502, f"Backend '{name}' sent an incomplete answer.",
                             code="backend_error")
     return GatewayError(502, f"Backend '{name}' failed: the connection broke off.",
                         code="backend_error")
 
 
-def _connect_failure(exc: aiohttp.ClientConnectorError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+def _connect_failure(exc: ConnectFailed) -> str:
+    if exc.errno is None:
         return "its host name does not resolve"
     reason = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connection timed out",
               errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable"}
-    return reason.get(exc.os_error.errno or 0, "cannot connect")
+    return reason.get(exc.errno, "cannot connect")
 
 
 def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> GatewayError:
@@ -109,7 +116,7 @@ def wrap_backend_error(backend: BackendConfig, status: int, body: bytes) -> Gate
     return GatewayError(status, message, code="backend_error")
 
 
-def check_stream_answer(backend: BackendConfig, response: aiohttp.ClientResponse) -> None:
+def check_stream_answer(backend: BackendConfig, response: UpstreamResponse) -> None:
     """A stream request's answer is SSE, or JSON from a backend that does not stream; anything
     else (an HTML error page from a proxy in between, say) is not relayed."""
     kind = response.content_type
@@ -141,15 +148,15 @@ class Proxy:
         return ModelRenamer(target.served_name, call.model)
 
     async def open(self, call: ApiCall, target: Target, headers: Mapping[str, str],
-                   request_id: str) -> aiohttp.ClientResponse:
+                   request_id: str) -> UpstreamResponse:
         """Send the call; a non-2xx answer is read and raised as a GatewayError."""
-        session = self.upstreams.session(target.backend.name)
+        client = self.upstreams.client(target.backend.name)
         url = f"{target.base_url}/v1/{call.endpoint}"
         drop = _OLLAMA_RELOADING_FIELDS if target.backend.kind == "ollama" else frozenset()
         body = call.body_for(target.served_name, drop)
         sent_headers = upstream_headers(headers, target.backend, request_id, call.content_type)
         try:
-            response = await self._send(session, url, body, sent_headers, target.backend)
+            response = await self._send(client, url, body, sent_headers, target.backend)
         except GatewayError as error:
             self.health.failed(target.backend.name,
                                unreachable=error.code == "backend_unreachable")
@@ -160,8 +167,8 @@ class Proxy:
             self.health.ok(target.backend.name)
         if response.status >= 400:
             try:
-                body = await response.content.read(_ERROR_BODY_LIMIT)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                body = await response.read(_ERROR_BODY_LIMIT)
+            except (UpstreamError, TimeoutError) as exc:
                 raise backend_failure(target.backend, exc) from exc
             finally:
                 response.close()
@@ -169,26 +176,19 @@ class Proxy:
         return response
 
     @staticmethod
-    async def _send(session: aiohttp.ClientSession, url: str, body: bytes | bytearray,
-                    headers: Mapping[str, str], backend: BackendConfig) -> aiohttp.ClientResponse:
-        for attempt in (1, 2):
-            try:
-                return await session.post(url, data=body, headers=headers)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # A pooled connection the backend had closed fails before any answer: once,
-                # the same request goes again on a fresh connection.
-                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise backend_failure(backend, exc) from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise backend_failure(backend, exc) from exc
-        raise AssertionError("unreachable")
+    async def _send(client: Client, url: str, body: bytes | bytearray,
+                    headers: Mapping[str, str], backend: BackendConfig) -> UpstreamResponse:
+        try:
+            return await client.post(url, body, headers)
+        except (UpstreamError, TimeoutError) as exc:
+            raise backend_failure(backend, exc) from exc
 
-    async def read_json(self, response: aiohttp.ClientResponse, target: Target,
+    async def read_json(self, response: UpstreamResponse, target: Target,
                         renamer: ModelRenamer | None) -> bytes:
         """The whole JSON answer, checked to be JSON and renamed."""
         try:
             body = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             response.close()
             raise backend_failure(target.backend, exc) from exc
         except BaseException:
@@ -200,19 +200,20 @@ class Proxy:
                                code="backend_invalid_response")
         return renamer.rename(body) if renamer else body
 
-    async def iter_stream(self, call: ApiCall, response: aiohttp.ClientResponse, target: Target,
+    async def iter_stream(self, call: ApiCall, response: UpstreamResponse, target: Target,
                           renamer: ModelRenamer | None) -> AsyncIterator[bytes]:
-        """Upstream SSE bytes as they arrive; a failure midway ends as one SSE error event."""
+        """Upstream SSE bytes as they arrive (all that is buffered in one piece); a failure
+        midway ends as one SSE error event."""
         tail = b""
         complete = False
         try:
-            async for chunk in response.content.iter_any():
-                tail = (tail + chunk)[-64:]
+            while chunk := await response.next_chunk():
+                tail = chunk[-64:] if len(chunk) >= 64 else (tail + chunk)[-64:]
                 yield renamer.feed(chunk) if renamer else chunk
             if renamer:
                 yield renamer.flush()
             complete = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             yield backend_failure(target.backend, exc).sse_event()
         finally:
             if complete:
@@ -223,4 +224,3 @@ class Proxy:
                 and _DONE_MARKER not in tail:
             message = f"Backend '{target.backend.name}' ended the stream before it was complete."
             yield GatewayError(502, message, code="backend_stream_incomplete").sse_event()
-
