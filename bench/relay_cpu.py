@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/relay_cpu.py [--quick] [--duration 3] [--repeat 4]
                                         [--connections 32] [--streams 1000 2000] [--profile]
+                                        [--floors]
 
 Starts, as subprocesses: an OpenAI-shaped Node upstream (bench/upstream.js), nginx with 1 worker
 as the reference relay (bench/nginx.conf), the gateway with 1 uvicorn worker (`python -m gateway
@@ -18,7 +19,9 @@ Every table shows the CPU% of the upstream and of the load generator beside the 
 busy the whole machine was, so a bottleneck outside the relay shows. Installs wrk and nginx with
 apt-get when missing and allowed (root), otherwise says how. `--profile` samples the 1-worker
 gateway with py-spy (native frames too) under JSON, SSE, renamed-SSE, usage-hidden SSE and
-many-paced-streams load and prints the top functions.
+many-paced-streams load and prints the top functions. `--floors` adds the bare relays of
+bench/relay_floor.py (uvicorn + aiohttp, uvicorn + the gateway's client, a bare asyncio.Protocol
+server) as rows of every table but the sequential one: the least such a relay costs here.
 Not a test: read the ratios and the CPU per unit of work, not the absolute requests/s.
 """
 
@@ -56,6 +59,8 @@ PACED_TOKENS, PACE_MS = 64, 20
 PACED_FRAMES = PACED_TOKENS + 2
 IDEAL_PACED_S = (PACED_TOKENS - 1) * PACE_MS / 1000
 SERVED_NAME = "org/upstream-model-7b"
+FLOORS = {"uvicorn-aiohttp": "floor: uvicorn + aiohttp", "uvicorn-lean": "floor: uvicorn + lean",
+          "protocol": "floor: Protocol + lean"}  # bench/relay_floor.py's modes, with --floors
 BURST_TIMEOUT_S = 60.0
 
 
@@ -847,6 +852,18 @@ def gateway_revision() -> str:
                    else "")
 
 
+def event_loop_of(proc: Proc) -> str:
+    """Whether uvloop and httptools are loaded in the gateway's processes (uvicorn's `auto`
+    takes each when it imports)."""
+    found = set()
+    for pid in _descendants(proc.popen.pid):
+        maps = ""
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as file:
+            maps = file.read()
+        found.update(name for name in ("uvloop", "httptools") if name in maps)
+    return "loaded: " + (", ".join(sorted(found)) or "neither uvloop nor httptools")
+
+
 def log_problems(proc: Proc) -> str:
     """Warnings and errors the gateway logged (`request.done` lines are info)."""
     seen: Counter[str] = Counter()
@@ -901,6 +918,8 @@ class Session:
                               str(self.workdir / "nginx-error.log")], ng_port, self.workdir)
         self.procs.append(ng)
         self.targets["nginx 1w"] = Target("nginx 1w", ng_port, ng)
+        if self.args.floors:
+            self.start_floors(up_port)
         for name, log_level, workers in (("gateway 1w", "info", 1),
                                          ("gateway 1w, log warning", "warning", 1),
                                          ("gateway 2w", "info", 2)):
@@ -921,10 +940,22 @@ class Session:
                 if problem:
                     raise SystemExit(f"relay_cpu: sanity check failed: {problem}")
 
+    def start_floors(self, upstream: int) -> None:
+        """The relays under the gateway (bench/relay_floor.py), each on 1 uvloop process."""
+        python = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
+        for mode, name in FLOORS.items():
+            port = free_port()
+            proc = launch(name, [python, str(BENCH / "relay_floor.py"), "--mode", mode, "--port",
+                                 str(port), "--upstream", f"http://127.0.0.1:{upstream}"],
+                          port, self.workdir)
+            self.procs.append(proc)
+            self.targets[name] = Target(name, port, proc)
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.name.startswith("gateway"):
-                self.results.notes.append(f"{proc.name} logged: {log_problems(proc)}")
+                self.results.notes.append(f"{proc.name} logged: {log_problems(proc)}; "
+                                          f"{event_loop_of(proc)}")
         for proc in reversed(self.procs):
             proc.stop()
 
@@ -969,9 +1000,10 @@ class Session:
     def measure_bursts(self) -> None:
         assert self.bench
         cases = [("direct", "paced", "direct"), ("nginx 1w", "paced", "nginx 1w"),
-                 ("gateway 1w", "paced", "gateway 1w, pool 512 (default)"),
+                 ("gateway 1w", "paced", "gateway 1w, pool 4096 (default)"),
                  ("gateway 1w", "paced-wide", "gateway 1w, pool 8192"),
-                 ("gateway 2w", "paced-wide", "gateway 2w, pool 8192")]
+                 ("gateway 2w", "paced-wide", "gateway 2w, pool 8192"),
+                 *((name, "paced", name) for name in FLOORS.values())]
         for streams in self.plan.streams:
             for name, kind, label in cases:
                 if name not in self.targets:
@@ -1079,6 +1111,8 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
                         help="for the `--workers 2` gateway")
     parser.add_argument("--profile", action="store_true", help="py-spy the 1-worker gateway")
+    parser.add_argument("--floors", action="store_true",
+                        help="also measure bench/relay_floor.py's bare relays")
     parser.add_argument("--profile-seconds", type=int, help="seconds per profile (8; quick 4)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get wrk/nginx")
     parser.add_argument("--keep", action="store_true", help="keep logs and configs")
