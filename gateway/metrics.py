@@ -95,9 +95,9 @@ class GatewayCollector:
 
     def _cache(self) -> Iterator[Metric]:
         outcomes = CounterMetricFamily("swapper_cache_requests", "Cacheable-route answers by "
-                                       "cache outcome", labels=["result"])
-        for result in ("HIT", "MISS", "BYPASS"):
-            outcomes.add_metric([result.lower()], self.cache.outcomes[result])
+                                       "cache outcome", labels=["model", "result"])
+        for (model, result), count in sorted(self.cache.outcomes.items()):
+            outcomes.add_metric([model, result.lower()], count)
         stats = self.cache.store.stats
         written = CounterMetricFamily("swapper_cache_written_bytes", "Bytes stored in the cache")
         written.add_metric([], stats.bytes_written)

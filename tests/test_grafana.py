@@ -123,7 +123,7 @@ def exported() -> Iterator[Exported]:
             unserved = client.post("/v1/responses", json={"model": "alpha", "input": "hi"})
             assert unserved.status_code == 404  # an error counted for a known model
             text = client.get("/metrics", headers={"accept": "text/plain"}).text
-    assert 'swapper_cache_requests_total{result="hit"} 1.0' in text
+    assert 'swapper_cache_requests_total{model="alpha",result="hit"} 1.0' in text
     found = Exported(set(), {})
     for family in text_string_to_metric_families(text):
         found.declared.add(family.name)

@@ -34,6 +34,7 @@ log = structlog.get_logger("gateway.cache")
 class CacheTicket:
     decision: CacheDecision
     key: str
+    model: str  # the resolved model, for counting outcomes per model
 
     @property
     def header(self) -> str:
@@ -48,7 +49,8 @@ class ResponseCache:
             timeout_s=config.redis_timeout_s,
         )
         self._writes: set[asyncio.Task[None]] = set()
-        self.outcomes: Counter[str] = Counter()  # HIT / MISS / BYPASS, as told to clients
+        # (model, HIT / MISS / BYPASS), as told to clients
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     def ticket(self, call: ApiCall, model: ModelConfig, headers: Mapping[str, str],
                tenant: str | None) -> CacheTicket:
@@ -59,12 +61,12 @@ class ResponseCache:
             max_ttl_s=self.config.max_ttl_s,
         )
         if decision.bypass:
-            self.outcomes["BYPASS"] += 1
+            self.outcomes[model.name, "BYPASS"] += 1
         key = "" if decision.bypass else cache_key(
             model=model.name, endpoint=call.endpoint, body=call.body,
             tenant=None if model.cache_shared else tenant, namespace=self.config.namespace,
         )
-        return CacheTicket(decision, key)
+        return CacheTicket(decision, key, model.name)
 
     async def lookup(self, ticket: CacheTicket) -> Record | None:
         record = None
@@ -72,8 +74,15 @@ class ResponseCache:
             value = await self.store.get(ticket.key)
             record = loads_record(value) if value is not None else None
         if not ticket.decision.bypass:
-            self.outcomes["HIT" if record is not None else "MISS"] += 1
+            self.outcomes[ticket.model, "HIT" if record is not None else "MISS"] += 1
         return record
+
+    def totals(self) -> Counter[str]:
+        """Outcomes over every model."""
+        totals: Counter[str] = Counter()
+        for (_, result), count in self.outcomes.items():
+            totals[result] += count
+        return totals
 
     def replay(self, call: ApiCall, record: Record) -> bytes | Iterator[bytes]:
         """The stored answer as the client asked for it: JSON bytes or SSE events."""

@@ -196,12 +196,12 @@ class SwapperApi:
 
     def _cache_status(self) -> dict[str, Any]:
         cache = self.services.cache
-        stats = cache.store.stats
+        stats, outcomes = cache.store.stats, cache.totals()
         return {
             "backend": "redis" if cache.config.redis_url else "memory",
             "healthy": cache.store.healthy,
-            "hits": cache.outcomes["HIT"], "misses": cache.outcomes["MISS"],
-            "bypasses": cache.outcomes["BYPASS"], "bytes_written": stats.bytes_written,
+            "hits": outcomes["HIT"], "misses": outcomes["MISS"],
+            "bypasses": outcomes["BYPASS"], "bytes_written": stats.bytes_written,
             "errors": stats.errors,
         }
 

@@ -150,7 +150,7 @@ def _nodes(status: SchedulerStatus, shown: set[str]) -> Iterable[NodeRow]:
 
 
 def _cache(services: Services) -> CacheFigures:
-    outcomes, config = services.cache.outcomes, services.config.cache
+    outcomes, config = services.cache.totals(), services.config.cache
     if not config.enabled:
         kind = "off"
     elif config.redis_url is None:
