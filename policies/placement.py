@@ -8,15 +8,20 @@ Each route is the model on one backend, on one node. In order:
 2. resident and admitting somewhere: the least busy copy (fewest requests in flight or queued);
 3. already on its way somewhere (loading, or requests queued for it, or draining): there, so
    that one load serves all the requests that want it;
-4. fits beside what a node holds, and beside the models that only that node can serve and that
-   are wanted soon, evicting nothing: where it would be ready soonest (the node's
-   lane first finishes the load running on it and the loads already queued there, then loads
-   this one: `backlog` plus its own load time);
-5. else the node where making room costs least, in request-seconds: each victim's demand (its
-   queued and in-flight requests, times its priority weight) waits one reload, and one more
-   reload is paid when it is wanted again; the newcomer waits the node's backlog, the time its
-   victims still have of their minimum residency (the node's policy keeps them that long) and
-   its own load.
+4. else the node where it costs least, in request-seconds, seen as it will be once the swap
+   running on it is done (what loads is loaded and inside its minimum residency, what unloads
+   is gone): the newcomer waits the node's backlog (the load running there and those already
+   queued), the time its victims still have of their minimum residency (the node's policy keeps
+   them that long) and its own load, times its priority weight; each victim's demand (queued,
+   in flight, and what its arrival rate brings within one reload, times its priority weight)
+   waits one reload, and one more reload is paid when it is wanted again. A node with room
+   pays only the wait, so an idle node beats one whose lane is busy with a long load only
+   while that wait is shorter than what making room elsewhere costs;
+5. a model that only one node can serve keeps that room while it is wanted soon (a request
+   for it is more likely than not within a newcomer's minimum residency plus its own reload):
+   a model with routes elsewhere takes it, evicting it or being evicted by it, only when no
+   other node can make room now. Its reload is the longest wait of all: it has nowhere else
+   to go.
 
 `place` decides from a snapshot and the time; it has no clock and no I/O.
 """
@@ -27,7 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from policies.eviction import choose_victims, fits_at_all, fits_beside
+from policies.eviction import choose_victims, fits_at_all
 from policies.scheduling import protected
 from policies.tiers import reload_seconds
 from policies.types import PRIORITY_WEIGHT, BatchingConfig, Budget, ModelView, State
@@ -58,7 +63,7 @@ class RouteOption:
 class Placement:
     index: int  # into the routes given
     reason: str
-    cost: float = 0.0  # the eviction cost paid, when room had to be made
+    cost: float = 0.0  # what placing it there costs (rule 4), when it was not there already
 
 
 def place(routes: Sequence[RouteOption], nodes: Mapping[str, NodeView],
@@ -75,34 +80,45 @@ def place(routes: Sequence[RouteOption], nodes: Mapping[str, NodeView],
     if coming:
         best = max(coming, key=lambda i: (routes[i].model.queued, -i))
         return Placement(best, f"already placed on {routes[best].node}")
-    free = [i for i in usable if _fits_now(routes[i], nodes)]
-    if free:
-        ready = {i: backlog(nodes[routes[i].node], routes[i].model) + routes[i].model.load_seconds
-                 for i in free}
-        best = min(free, key=lambda i: (ready[i], i))
-        return Placement(best, f"fits on {routes[best].node} without eviction")
-    costs = {i: eviction_cost(routes[i], nodes[routes[i].node], config, now) for i in usable}
-    best = min(usable, key=lambda i: (costs[i], i))
-    return Placement(best, f"least eviction cost on {routes[best].node} ({costs[best]:.0f})",
-                     costs[best])
+    rooms = {i: room(routes[i], nodes[routes[i].node], config, now) for i in usable}
+    best = min(usable, key=lambda i: (rooms[i].cost == math.inf, rooms[i].takes_a_home,
+                                      rooms[i].cost, i))
+    return Placement(best, rooms[best].reason(routes[best].node), rooms[best].cost)
 
 
-def eviction_cost(route: RouteOption, node: NodeView, config: BatchingConfig,
-                  now: float) -> float:
-    """What making room on `node` and loading there costs, in request-seconds (see the
-    module's rule 5); infinite when no eviction can make room there now."""
-    models = claimed(node)
+@dataclass(frozen=True)
+class Room:
+    """What placing a model on one node takes: the models it evicts there and the cost."""
+
+    victims: tuple[str, ...] = ()
+    cost: float = math.inf  # request-seconds (module rule 4); inf: no room can be made now
+    takes_a_home: bool = False  # a victim is a model only that node serves, wanted soon
+
+    def reason(self, node: str) -> str:
+        if self.cost == math.inf:
+            return f"no room anywhere now: queued on {node}"
+        if not self.victims:
+            return f"fits on {node} without eviction ({self.cost:.0f})"
+        home = ", taking the room of a model only it serves" if self.takes_a_home else ""
+        return f"least eviction cost on {node} ({self.cost:.0f}){home}"
+
+
+def room(route: RouteOption, node: NodeView, config: BatchingConfig, now: float) -> Room:
+    """The room the route's model would take on `node`, and its cost (module rules 4, 5)."""
+    models = _settled(_claimed(node, config), now)
     keep = protected(models, config, now)
     victims = choose_victims(route.model, models, node.budget, keep)
     if victims is None:  # only by taking models inside their minimum residency
         victims = choose_victims(route.model, models, node.budget)
     if victims is None:
-        return math.inf
+        return Room()
     held_for = max((_residency_left(models[v], config, now) for v in victims if v in keep),
                    default=0.0)
     weight = PRIORITY_WEIGHT.get(route.model.priority, 1.0)
     own = weight * (backlog(node, route.model) + held_for + route.model.load_seconds)
-    return sum(_victim_cost(models[v]) for v in victims) + own
+    cost = sum(_victim_cost(models[v]) for v in victims) + own
+    home = any(v in node.exclusive and _wanted_soon(models[v], config) for v in victims)
+    return Room(victims, cost, home)
 
 
 def backlog(node: NodeView, newcomer: ModelView) -> float:
@@ -152,20 +168,32 @@ def _busy(model: ModelView) -> int:
     return model.in_flight + model.queued
 
 
-def _fits_now(route: RouteOption, nodes: Mapping[str, NodeView]) -> bool:
-    node = nodes[route.node]
-    return fits_beside(route.model, claimed(node), node.budget)
-
-
-def claimed(node: NodeView) -> dict[str, ModelView]:
+def _claimed(node: NodeView, config: BatchingConfig) -> dict[str, ModelView]:
     """The node's models, with those only it can serve that are wanted soon counted as
     resident: taking their room means evicting them, or being evicted by them, next time."""
     held = {name: replace(m, state=State.LOADED, loaded_at=-math.inf)
             for name, m in node.models.items()
-            if name in node.exclusive and _wanted_soon(m) and not m.resident}
+            if name in node.exclusive and _wanted_soon(m, config) and not m.resident}
     return {**node.models, **held}
 
 
-def _wanted_soon(model: ModelView) -> bool:
-    """Its recent rate brings a request within one of its loads."""
-    return model.queued > 0 or model.rate_per_s * model.load_seconds >= 1.0
+def _settled(models: Mapping[str, ModelView], now: float) -> dict[str, ModelView]:
+    """The node once its lane's current work is done: what loads is loaded (just now, so
+    inside its minimum residency), what unloads is gone; `backlog` counts the time."""
+    return {name: _after_transition(m, now) for name, m in models.items()}
+
+
+def _after_transition(model: ModelView, now: float) -> ModelView:
+    if model.state is State.LOADING:
+        return replace(model, state=State.LOADED, loaded_at=now, last_used=now)
+    if model.state is State.UNLOADING:
+        return replace(model, state=State.UNLOADED)
+    return model
+
+
+def _wanted_soon(model: ModelView, config: BatchingConfig) -> bool:
+    """More likely than not asked for (arriving at its recent rate, as a Poisson stream) while
+    a newcomer taking its room keeps it away: the newcomer's minimum residency, then its own
+    reload; P(a request within t) = 1 - exp(-rate * t) >= 1/2."""
+    away = config.min_residency_ms / 1000.0 + reload_seconds(model)
+    return model.queued > 0 or model.rate_per_s * away >= math.log(2)

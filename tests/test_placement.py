@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -9,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.eviction import fits_at_all, fits_beside
-from policies.placement import NodeView, RouteOption, eviction_cost, place
+from policies.eviction import fits_at_all
+from policies.placement import NodeView, RouteOption, place, room
 from policies.rates import ArrivalRate
 from policies.types import BatchingConfig, Budget, ModelView, State
 
@@ -92,7 +93,7 @@ def test_a_victim_inside_its_min_residency_is_spared_if_another_node_can_make_ro
     routes = [route("a", size_gb=6), route("b", size_gb=6)]
     nodes = nodes_with(node("a", TWELVE, fresh), node("b", TWELVE, settled), routes=routes)
     # Node a's policy keeps `fresh` for 19 s more: the newcomer would wait that long there.
-    assert eviction_cost(routes[0], nodes["a"], CONFIG, NOW) >= 19
+    assert room(routes[0], nodes["a"], CONFIG, NOW).cost >= 19
     assert place(routes, nodes, CONFIG, NOW).index == 1
 
 
@@ -109,6 +110,63 @@ def test_of_two_nodes_with_room_the_one_not_busy_loading_wins() -> None:
     routes = [route("a", size_gb=4, load_seconds=5), route("b", size_gb=4, load_seconds=8)]
     nodes = nodes_with(node("a", TWELVE, loading), node("b", TWELVE), routes=routes)
     assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_node_whose_lane_is_busy_with_a_long_load_loses_to_a_cheap_eviction() -> None:
+    # Node a has room, but its lane loads a 70B for a minute first; node b evicts a small
+    # model hardly anyone uses and loads at once.
+    seventy = ModelView("seventy", State.LOADING, size_gb=2, load_seconds=60)
+    spare = idle("spare", size_gb=8, priority="low", load_seconds=2, rate_per_s=0.001)
+    routes = [route("a", size_gb=6, load_seconds=6), route("b", size_gb=6, load_seconds=6)]
+    nodes = nodes_with(node("a", TWELVE, seventy), node("b", TWELVE, spare), routes=routes)
+    placement = place(routes, nodes, CONFIG, NOW)
+    assert placement.index == 1 and "least eviction cost" in placement.reason
+
+
+def test_with_every_node_mid_swap_the_one_whose_swap_ends_sooner_wins() -> None:
+    # Both nodes are loading a model that leaves no room: room is made once that load is done
+    # (and its minimum residency has passed), so the quicker swap wins, not the first route.
+    slow = ModelView("slow", State.LOADING, size_gb=10, load_seconds=60, queued=1)
+    quick = ModelView("quick", State.LOADING, size_gb=10, load_seconds=5, queued=1)
+    routes = [route("a", size_gb=6), route("b", size_gb=6)]
+    nodes = nodes_with(node("a", TWELVE, slow), node("b", TWELVE, quick), routes=routes)
+    rooms = [room(r, nodes[r.node], CONFIG, NOW) for r in routes]
+    assert all(r.cost < math.inf for r in rooms)
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+
+
+def test_a_model_only_one_node_serves_keeps_its_room_from_a_model_that_can_go_elsewhere() -> None:
+    # The Mac holds the 70B, which no other node can run and which is asked for every minute.
+    # The 32B could take the Mac more cheaply by the cost alone (the GPU must evict three
+    # models in use), but the 70B would then wait a minute's reload with nowhere else to go.
+    mac, gpu = Budget(max_models=1, memory_gb=56), Budget(max_models=3, memory_gb=20)
+    seventy = idle("seventy", size_gb=42, load_seconds=60, rate_per_s=1 / 60)
+    small = [idle(f"s{i}", size_gb=6, load_seconds=10, rate_per_s=0.1, in_flight=3)
+             for i in range(3)]
+    routes = [route("mac", size_gb=20, load_seconds=30), route("gpu", size_gb=20, load_seconds=20)]
+    nodes = {"mac": NodeView("mac", mac, {"seventy": seventy, routes[0].model.name:
+                                          routes[0].model}, frozenset({"seventy"})),
+             "gpu": nodes_with(node("gpu", gpu, *small), routes=routes)["gpu"]}
+    mac_room, gpu_room = (room(r, nodes[r.node], CONFIG, NOW) for r in routes)
+    assert mac_room.takes_a_home and mac_room.cost < gpu_room.cost
+    placement = place(routes, nodes, CONFIG, NOW)
+    assert placement.index == 1
+    quiet = replace(nodes["mac"], models={**nodes["mac"].models,
+                                          "seventy": replace(seventy, rate_per_s=1 / 600)})
+    assert place(routes, {**nodes, "mac": quiet}, CONFIG, NOW).index == 0  # not wanted now
+
+
+def test_a_model_only_one_node_serves_is_wanted_soon_within_a_newcomers_stay() -> None:
+    # Asked for every 90 s with a 50 s load: a newcomer taking its room keeps it out for the
+    # newcomer's 20 s of minimum residency and then the reload, and within those 70 s a request
+    # is more likely than not (1 - exp(-70/90) = 0.54).
+    big = ModelView("big", size_gb=10, load_seconds=50, rate_per_s=1 / 90)
+    routes = [route("a", size_gb=6, load_seconds=2), route("b", size_gb=6, load_seconds=2)]
+    a = NodeView("a", TWELVE, {"big": big, routes[0].model.name: routes[0].model},
+                 frozenset({"big"}))
+    b = nodes_with(node("b", TWELVE, idle("spare", size_gb=8, load_seconds=2)),
+                   routes=routes)["b"]
+    assert place(routes, {"a": a, "b": b}, CONFIG, NOW).index == 1
 
 
 def test_an_arrival_rate_follows_the_gaps_and_decays_in_silence() -> None:
@@ -216,19 +274,18 @@ def test_a_serving_copy_is_used_and_the_least_busy_one(fleet: Any) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(fleets())
-def test_eviction_is_chosen_only_when_no_node_has_room(fleet: Any) -> None:
+def test_a_new_home_is_the_cheapest_node_that_takes_no_single_home_models_room(
+        fleet: Any) -> None:
     routes, nodes = fleet
     placement = place(routes, nodes, CONFIG, NOW)
-    if "eviction cost" not in placement.reason and "min residency" not in placement.reason:
-        return
+    if "eviction" not in placement.reason:
+        return  # served, joined or queued where it already was
+    chosen = room(routes[placement.index], nodes[routes[placement.index].node], CONFIG, NOW)
     for r in routes:
         if usable(r, nodes):
-            assert not fits_beside(r.model, nodes[r.node].models, nodes[r.node].budget)
-    chosen = eviction_cost(routes[placement.index], nodes[routes[placement.index].node],
-                           CONFIG, NOW)
-    for r in routes:
-        if usable(r, nodes):
-            assert chosen <= eviction_cost(r, nodes[r.node], CONFIG, NOW)
+            other = room(r, nodes[r.node], CONFIG, NOW)
+            if not other.takes_a_home and other.cost < math.inf:
+                assert not chosen.takes_a_home and chosen.cost <= other.cost
 
 
 @settings(max_examples=200, deadline=None)

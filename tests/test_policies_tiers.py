@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.placement import NodeView, RouteOption, eviction_cost
+from policies.placement import NodeView, RouteOption, room
 from policies.scheduling import decide
 from policies.tiers import host_gb, reload_seconds, sleepers
 from policies.types import BatchingConfig, Budget, ModelView, State
@@ -66,10 +66,9 @@ def test_placement_would_rather_evict_a_model_that_wakes_in_a_second() -> None:
     cold = loaded("cold", size_gb=8, load_seconds=40, loaded_at=0.0)
     route = RouteOption(ModelView("m", size_gb=6), "x")
     budget = Budget(memory_gb=12)
-    on_sleepy = eviction_cost(route, NodeView("x", budget, by_name(sleepy, route.model)),
-                              config, 1000.0)
-    on_cold = eviction_cost(route, NodeView("x", budget, by_name(cold, route.model)),
-                            config, 1000.0)
+    on_sleepy = room(route, NodeView("x", budget, by_name(sleepy, route.model)),
+                     config, 1000.0).cost
+    on_cold = room(route, NodeView("x", budget, by_name(cold, route.model)), config, 1000.0).cost
     assert on_sleepy < on_cold
 
 
@@ -77,14 +76,14 @@ def test_placement_would_rather_evict_a_model_that_wakes_in_a_second() -> None:
                 min_size=1, max_size=6),
        st.sampled_from([None, 0.0, 8.0, 12.0]))
 def test_sleepers_never_overfill_host_memory(victims: list[tuple[float, bool, bool]],
-                                             room: float | None) -> None:
+                                             host_room: float | None) -> None:
     models = {f"v{i}": loaded(f"v{i}", size_gb=gb, wake_seconds=1.0 if can else None)
               for i, (gb, can, _) in enumerate(victims)}
     models |= {f"z{i}": ModelView(f"z{i}", size_gb=gb, asleep=True, wake_seconds=1.0)
                for i, (gb, _, asleep) in enumerate(victims) if asleep}
     evict = tuple(n for n in models if n.startswith("v"))
-    chosen = sleepers(evict, models, Budget(host_memory_gb=room))
+    chosen = sleepers(evict, models, Budget(host_memory_gb=host_room))
     assert set(chosen) <= {n for n in evict if models[n].wake_seconds is not None}
-    if room is not None:
+    if host_room is not None:
         assert host_gb(models) + sum(models[n].size_gb for n in chosen) <= max(
-            room, host_gb(models)) + 1e-9
+            host_room, host_gb(models)) + 1e-9
