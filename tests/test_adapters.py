@@ -246,3 +246,18 @@ def test_an_admin_load_of_an_adapter_loads_its_base_and_registers_it(
     assert shown["base"]["state"] == "loaded" and shown["chat"]["state"] == "loaded"
     assert "chat-lora" in vllm_models(gateway)
     assert httpx.get(f"{gateway.url}/models/chat", timeout=10).json()["request_count"] == 0
+
+
+def test_a_vllm_without_the_runtime_lora_api_is_named_as_the_cause(
+        start_gateway: Any, tmp_path: Path) -> None:
+    config = lora_config(tmp_path)
+    config["backends"]["vllm"]["cmd"] = shlex.join(EMULATOR[:-1])  # started without --lora
+
+    gateway = start_gateway(config)
+
+    answer = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=30,
+                        json={"model": "sql", "messages": [{"role": "user", "content": "hi"}]})
+
+    assert answer.status_code == 503 and answer.headers["x-should-retry"] == "false"
+    message = answer.json()["error"]["message"]
+    assert "--enable-lora" in message and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in message

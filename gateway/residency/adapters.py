@@ -114,7 +114,8 @@ class Adapters:
             return await call(self._session_for(adapter.backend), method, url, json=body,
                               limit_s=_CONTROL_LIMIT_S, who=who)
         except DriverError as exc:
-            if exc.status == 404 and "lora_adapter" in url:
+            # vLLM says 404 for an adapter folder it cannot find too, but in its own words.
+            if exc.status == 404 and "lora_adapter" in url and "Loading lora" not in exc.detail:
                 raise DriverError(f"{who} has no runtime LoRA API: start vLLM with --enable-lora "
                                   "and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
                                   detail=exc.detail, retryable=False) from exc

@@ -149,3 +149,46 @@ def test_vllm_sleep_driver_sleeps_and_wakes_a_real_vllm(
     text = stream_chat(gateway)  # wakes it up first
     assert not sleeping()
     assert chat(gateway) == text
+
+
+WRITE_ADAPTER = Path(__file__).with_name("tiny_lora.py")
+LORA_ENV = {**VLLM_ENV, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+LORA_ARGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
+
+
+def test_lora_adapters_ride_on_a_resident_base_in_a_real_vllm(
+        start_gateway: StartGateway, vllm_python: Path, tiny_hf_model: Path,
+        tmp_path: Path) -> None:
+    adapters = {}
+    for seed, name in enumerate(("sql", "poet"), start=1):
+        subprocess.run([str(vllm_python), str(WRITE_ADAPTER), str(tmp_path / name), str(seed)],
+                       check=True, timeout=120, env={**os.environ, **VLLM_ENV})
+        adapters[name] = {"adapter_of": MODEL, "adapter_path": str(tmp_path / name),
+                          "cache": NO_CACHE}
+    argv = [*vllm_argv(vllm_python, "{path}", "{host}", "{port}", "{served_name}"), *LORA_ARGS]
+    gateway = start_gateway({
+        "backends": {"vllm": {"kind": "process", "cmd": shlex.join(argv), "env": LORA_ENV,
+                              "start_timeout": START_TIMEOUT_S}},
+        "models": {MODEL: {"backend": "vllm", "path": str(tiny_hf_model), "cache": NO_CACHE},
+                   **adapters},
+    })
+    openai = client_for(gateway)
+    # vLLM starts more slowly with LoRA on: the admin load waits for it, not the SDK's timeout.
+    httpx.post(f"{gateway.url}/models/{MODEL}/load", timeout=START_TIMEOUT_S).raise_for_status()
+
+    def say(model: str) -> str:
+        reply = openai.chat.completions.create(model=model, messages=HELLO, **GREEDY)
+        assert reply.model == model
+        return reply.choices[0].message.content or ""
+
+    base = say(MODEL)
+    texts = {name: say(name) for name in adapters}  # registered in vLLM, no second start
+
+    assert texts["sql"] != base and texts["poet"] != base and texts["sql"] != texts["poet"]
+    assert say("sql") == texts["sql"]  # greedy: the same adapter answers the same
+    status = httpx.get(f"{gateway.url}/status", timeout=10).json()
+    loads = [d["model"] for d in status["decisions"] if d["action"] == "load"]
+    assert loads == [MODEL]  # one vLLM start for the base and both adapters
+    port = status["models"][MODEL]["server"]["port"]
+    cards = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+    assert {c["id"]: c["parent"] for c in cards if c["parent"]} == {"sql": MODEL, "poet": MODEL}

@@ -1053,9 +1053,9 @@ async def _load_lora_adapter(request: Request) -> Response:
         return vllm_error(400, f"The lora adapter '{name}' has already been loaded.",
                           "InvalidUserInput")
     await asyncio.sleep(state.adapter_delay)
-    if not (Path(path) / "adapter_config.json").is_file():
-        return vllm_error(400, f"Loading lora {name} failed: No adapter found for {path}",
-                          "BadRequestError")
+    if not (Path(path) / "adapter_config.json").is_file():  # vLLM leaves the path out
+        return vllm_error(404, f"Loading lora {name} failed: No adapter found for <path>",
+                          "NotFoundError")
     state.adapters[name] = path
     state.adapter_loads += 1
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
