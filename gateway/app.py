@@ -20,8 +20,9 @@ from starlette.responses import Response
 from gateway.access.auth import AuthMiddleware
 from gateway.access.request_limits import HeaderLimit
 from gateway.config.discovery import discover_ollama_models, discovery_applies, wait_for_ollama
+from gateway.config.reader import load_config
 from gateway.config.reload import Loader, file_loader
-from gateway.config.schema import ConfigError, GatewayConfig, load_config
+from gateway.config.schema import ConfigError, GatewayConfig
 from gateway.errors import GatewayError
 from gateway.fronts import anthropic, ollama
 from gateway.fronts.admin import AdminApi

@@ -23,8 +23,9 @@ import uvicorn
 from gateway import __version__
 from gateway.app import create_app
 from gateway.config.discovery import discover_ollama_models, discovery_applies, ollama_url
+from gateway.config.reader import load_config
 from gateway.config.reload import file_loader
-from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig, load_config
+from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig
 from gateway.demo import DEMO_DIR, QUIET_EVENTS, prepare_demo
 from gateway.logs import LOG_FORMATS, configure_logging, resolve_format
 from gateway.services import Services

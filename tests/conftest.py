@@ -9,7 +9,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.redis_server import own_redis, redis_url
 from tests.servers import ServerThread
 

@@ -22,7 +22,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from gateway.config.schema import ConfigError, parse_config
+from gateway.config.reader import parse_config
+from gateway.config.schema import ConfigError
 from tests.servers import wait_until
 
 EMULATOR = [sys.executable, "-m", "tests.emulators.openai_server", "--port", "{port}",

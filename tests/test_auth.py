@@ -16,8 +16,9 @@ import yaml
 from structlog.testing import capture_logs
 
 from gateway.app import create_app
+from gateway.config.reader import load_config, parse_config
 from gateway.config.reload import file_loader
-from gateway.config.schema import ConfigError, load_config, parse_config
+from gateway.config.schema import ConfigError
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import serve, wait_until
 

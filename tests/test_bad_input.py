@@ -37,7 +37,7 @@ from _pytest.mark.structures import ParameterSet
 from structlog.testing import capture_logs
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import ServerThread, wait_until
 

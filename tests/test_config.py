@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from gateway.app import create_app
+from gateway.config.reader import load_config, parse_config
 from gateway.config.reload import file_loader
-from gateway.config.schema import ConfigError, load_config, parse_config
+from gateway.config.schema import ConfigError
 from tests.emulators import openai_server as vllm_emulator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -8,7 +8,7 @@ import httpx
 
 from gateway.app import create_app
 from gateway.config.discovery import discover_ollama_models
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.emulators import ollama as ollama_emulator
 from tests.servers import free_port
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from gateway.config.schema import BACKEND_KINDS, config_keys, keys_read, load_config
+from gateway.config.reader import keys_read, load_config
+from gateway.config.schema import BACKEND_KINDS, config_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "gateway.yaml"

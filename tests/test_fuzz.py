@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from gateway.relay.stream import Receive, Scope, Send
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import ServerThread, wait_until

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.emulators import ollama as ollama_emulator
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "swapper-gateway.json"

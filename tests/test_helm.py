@@ -19,7 +19,8 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
-from gateway.config.schema import GatewayConfig, parse_config
+from gateway.config.reader import parse_config
+from gateway.config.schema import GatewayConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "swapper-gateway"

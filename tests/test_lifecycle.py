@@ -13,7 +13,8 @@ import openai
 import orjson
 import pytest
 
-from gateway.config.schema import ConfigError, parse_config
+from gateway.config.reader import parse_config
+from gateway.config.schema import ConfigError
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator
 from tests.servers import emulator, wait_until

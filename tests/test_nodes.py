@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.config.schema import DEFAULT_NODE, ConfigError, parse_config
+from gateway.config.reader import parse_config
+from gateway.config.schema import DEFAULT_NODE, ConfigError
 from tests.emulators import ollama as ollama_emulator
 from tests.servers import emulator, wait_until
 

@@ -10,7 +10,7 @@ import httpx
 from structlog.testing import capture_logs
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.emulators import ollama as ollama_emulator
 from tests.servers import wait_until
 

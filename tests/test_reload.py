@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from gateway.app import create_app
+from gateway.config.reader import load_config
 from gateway.config.reload import file_loader
-from gateway.config.schema import BackendConfig, load_config
+from gateway.config.schema import BackendConfig
 from policies.types import State
 from tests.emulators import ollama as ollama_emulator
 from tests.emulators import openai_server as vllm_emulator

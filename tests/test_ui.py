@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.config.schema import parse_config
+from gateway.config.reader import parse_config
 from tests.browser import Page, chromium
 from tests.emulators import ollama as ollama_emulator
 from tests.servers import wait_until

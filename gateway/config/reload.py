@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from gateway.config.discovery import discover_ollama_models
-from gateway.config.schema import ConfigError, GatewayConfig, ModelConfig, load_config
+from gateway.config.reader import load_config
+from gateway.config.schema import ConfigError, GatewayConfig, ModelConfig
 
 Loader = Callable[[], GatewayConfig]
 

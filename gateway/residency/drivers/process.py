@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import enum
 import os
-import re
 import shlex
 import signal
 import socket
@@ -22,7 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import aiohttp
 import structlog
 
-from gateway.config.schema import BackendConfig, ModelConfig
+from gateway.config.schema import PLACEHOLDER, PROCESS_PLACEHOLDERS, BackendConfig, ModelConfig
 from gateway.redaction import first_meaningful, mask_argv
 from gateway.residency.drivers import gpu
 from gateway.residency.drivers.base import DriverError, LostCallback, Measured
@@ -32,8 +31,6 @@ from gateway.residency.drivers.process_guard import Registry, Watchdog, die_with
 log = structlog.get_logger(__name__)
 
 HOST = "127.0.0.1"
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-_FIELDS = ("path", "port", "name", "served_name", "host")
 _TAIL_LINES = 50  # output lines kept for error messages
 _MAX_LINE = 1000  # characters of one output line kept and logged
 _POLL_FIRST, _POLL_MAX = 0.005, 0.5  # seconds between health probes: quick at first, then relaxed
@@ -313,9 +310,10 @@ def parse_template(cmd: str) -> list[str]:
         raise DriverError(f"cmd {cmd!r}: {exc}", retryable=False) from None
     if not argv:
         raise DriverError("cmd is empty", retryable=False)
-    unknown = sorted({name for arg in argv for name in _PLACEHOLDER.findall(arg)} - set(_FIELDS))
+    named = {name for arg in argv for name in PLACEHOLDER.findall(arg)}
+    unknown = sorted(named - set(PROCESS_PLACEHOLDERS))
     if unknown:
-        known = ", ".join(f"{{{name}}}" for name in _FIELDS)
+        known = ", ".join(f"{{{name}}}" for name in PROCESS_PLACEHOLDERS)
         raise DriverError(f"cmd {cmd!r}: unknown placeholder {{{unknown[0]}}} (known: {known})",
                           retryable=False)
     return argv
@@ -327,7 +325,7 @@ def _looks_local(path: str) -> bool:
 
 
 def _fill(argv: list[str], values: Mapping[str, str]) -> list[str]:
-    return [_PLACEHOLDER.sub(lambda match: values[match[1]], arg) for arg in argv]
+    return [PLACEHOLDER.sub(lambda match: values[match[1]], arg) for arg in argv]
 
 
 def _free_port(taken: Collection[int]) -> int:
