@@ -335,11 +335,6 @@ def _model(
         raise reader.fail(_join(path, "backend"), "is required (or a path of the form ollama:NAME)")
     if not placed:
         _known_backend(reader, backend, _join(path, "backend"), backends)
-    aliases = reader.get(data, "aliases", path, list, [])
-    if not all(isinstance(alias, str) for alias in aliases):
-        reader.error(_join(path, "aliases"), "expected a list of strings")
-        aliases = []
-    cache = reader.section(data, "cache", path)
     size_gb = reader.get(data, "size_gb", path, float, 0.0)
     ttl = reader.get(data, "ttl", path, float, 0.0)
     reader.positive(size_gb, _join(path, "size_gb"))
@@ -348,16 +343,13 @@ def _model(
         name=name,
         backend=str(backend),
         served_name=served or name,
-        aliases=tuple(aliases),
         type=reader.get(data, "type", path, str, "llm"),
         size_gb=size_gb,
         priority=_priority(reader, data, path),
         ttl_s=ttl,
         path=model_path,
         num_ctx=reader.get(data, "num_ctx", path, int, None),
-        max_concurrent=_positive_int(reader, data, "max_concurrent", path),
-        cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
-        cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
+        **_served(reader, data, path),
     )
     if placed:
         return _placed(reader, model, placed, backends)
@@ -366,6 +358,22 @@ def _model(
                      reader, model, "fallback", i, item, backends))
                  for i, item in enumerate(ordered)]
     return dataclasses.replace(model, fallbacks=tuple(f for f in fallbacks if f is not None))
+
+
+def _served(reader: _Reader, data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """How a model is served to clients, whatever holds it: its aliases, its concurrency
+    limit and its cache settings (an adapter has these of its own)."""
+    aliases = reader.get(data, "aliases", path, list, [])
+    if not all(isinstance(alias, str) for alias in aliases):
+        reader.error(_join(path, "aliases"), "expected a list of strings")
+        aliases = []
+    cache = reader.section(data, "cache", path)
+    return {
+        "aliases": tuple(aliases),
+        "max_concurrent": _positive_int(reader, data, "max_concurrent", path),
+        "cache_enabled": reader.get(cache, "enabled", _join(path, "cache"), bool, True),
+        "cache_shared": reader.get(cache, "shared", _join(path, "cache"), bool, False),
+    }
 
 
 def _items(reader: _Reader, data: Mapping[str, Any], key: str, path: str) -> list[Any]:
@@ -743,16 +751,10 @@ def _adapter(reader: _Reader, name: str, data: Mapping[str, Any],
         raise reader.fail(_join(path, "adapter_of"), f"base model {base.name!r} is served by "
                           f"a {kind!r} backend; LoRA adapters need vLLM (a process, openai "
                           "or vllm-sleep backend)")
-    aliases = reader.get(data, "aliases", path, list, [])
-    cache = reader.section(data, "cache", path)
     return ModelConfig(
         name=name, backend=base.backend,
         served_name=reader.get(data, "served_name", path, str, None) or name,
-        aliases=tuple(alias for alias in aliases if isinstance(alias, str)),
-        type=base.type, priority=base.priority,
-        max_concurrent=_positive_int(reader, data, "max_concurrent", path),
-        cache_enabled=reader.get(cache, "enabled", _join(path, "cache"), bool, True),
-        cache_shared=reader.get(cache, "shared", _join(path, "cache"), bool, False),
+        type=base.type, priority=base.priority, **_served(reader, data, path),
         adapter_of=base.name, adapter_path=reader.get(data, "adapter_path", path, str, None),
     )
 
