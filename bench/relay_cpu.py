@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/relay_cpu.py [--quick] [--duration 3] [--repeat 4]
                                         [--connections 32] [--streams 1000 2000] [--profile]
-                                        [--floors]
+                                        [--floors] [--baseline DIR]
 
 Starts, as subprocesses: an OpenAI-shaped Node upstream (bench/upstream.js), nginx with 1 worker
 as the reference relay (bench/nginx.conf), the gateway with 1 uvicorn worker (`python -m gateway
@@ -22,6 +22,8 @@ gateway with py-spy (native frames too) under JSON, SSE, renamed-SSE, usage-hidd
 many-paced-streams load and prints the top functions. `--floors` adds the bare relays of
 bench/relay_floor.py (uvicorn + aiohttp, uvicorn + the gateway's client, a bare asyncio.Protocol
 server) as rows of every table but the sequential one: the least such a relay costs here.
+`--baseline DIR` runs a second 1-worker gateway from another checkout beside this one, every
+load alike, so a change is measured before and after under the same noise.
 Not a test: read the ratios and the CPU per unit of work, not the absolute requests/s.
 """
 
@@ -59,6 +61,7 @@ PACED_TOKENS, PACE_MS = 64, 20
 PACED_FRAMES = PACED_TOKENS + 2
 IDEAL_PACED_S = (PACED_TOKENS - 1) * PACE_MS / 1000
 SERVED_NAME = "org/upstream-model-7b"
+BASELINE = "gateway 1w, baseline"  # with --baseline DIR: the gateway from DIR, same run
 FLOORS = {"uvicorn-aiohttp": "floor: uvicorn + aiohttp", "uvicorn-lean": "floor: uvicorn + lean",
           "protocol": "floor: Protocol + lean"}  # bench/relay_floor.py's modes, with --floors
 BURST_TIMEOUT_S = 60.0
@@ -166,12 +169,12 @@ def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def launch(name: str, args: list[str], port: int, workdir: Path, ready_path: str | None = None,
-           wait_s: float = 30.0) -> Proc:
-    """Start `args`, wait until `port` answers (`ready_path` with 200, if given)."""
-    log = workdir / f"{name.replace(' ', '_')}.log"
+           wait_s: float = 30.0, root: Path = ROOT) -> Proc:
+    """Start `args` in `root`, wait until `port` answers (`ready_path` with 200, if given)."""
+    log = workdir / f"{_slug(name)}.log"
     with open(log, "wb") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                 env={**os.environ, "PYTHONPATH": str(root)})
     proc = Proc(name, popen, log, port)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -273,14 +276,21 @@ def gateway_config(path: Path, upstream: int, log_level: str, redis_url: str | N
     return path
 
 
-def start_gateway(name: str, config: Path, workers: int, workdir: Path) -> Proc:
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name)
+
+
+def start_gateway(name: str, config: Path, workers: int, workdir: Path,
+                  root: Path = ROOT) -> Proc:
+    """The gateway whose source is in `root` (another checkout for --baseline)."""
     python = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
     port = free_port()
     args = [python, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1",
             "--port", str(port), "--workers", str(workers)]
     for attempt in range(3):  # the venv may be rebuilding under us: wait and retry
         try:
-            proc = launch(name, args, port, workdir, ready_path="/ready", wait_s=60)
+            proc = launch(name, args, port, workdir, ready_path="/ready", wait_s=60,
+                          root=root)
             if workers > 1:
                 time.sleep(2.0)  # every worker has started serving, not only the first
             return proc
@@ -678,8 +688,7 @@ def sequential_table(rows: list[Measure]) -> list[str]:
     for m in rows:
         added = (m.p50_ms - direct[m.kind].p50_ms) * 1e3 if m.kind in direct else None
         lines.append(f"| {_answer(m.kind)} | {m.target} | {m.p50_ms:.3f} | {m.p99_ms:.3f} | "
-                     f"{'—' if m.relay_cpu_s is None else _f(added)} | "
-                     f"{_f(m.per_request_us())} |")
+                     f"{'—' if m.relay_cpu_s is None else _f(added)} | {_cost(m)} |")
     return lines
 
 
@@ -715,7 +724,7 @@ def profile(bench: Bench, target: Target, kind: str, seconds: int, load: Any,
     """py-spy samples the gateway, native frames included, while `load()` runs."""
     spy = py_spy()
     assert spy and target.proc
-    out = workdir / f"profile-{kind}.txt"
+    out = workdir / f"profile-{_slug(target.name)}-{kind}.txt"
     # --native needs the blocking mode: each sample pauses the gateway for a moment.
     spying = subprocess.Popen(
         [spy, "record", "--pid", str(target.proc.popen.pid), "--duration", str(seconds),
@@ -841,10 +850,10 @@ def _versions(wrk: str, nginx: str) -> str:
                       first([python, "--version"])])
 
 
-def gateway_revision() -> str:
+def gateway_revision(root: Path = ROOT) -> str:
     """The commit the gateway ran from, and whether gateway/ had uncommitted changes."""
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
         return done.stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
@@ -920,14 +929,17 @@ class Session:
         self.targets["nginx 1w"] = Target("nginx 1w", ng_port, ng)
         if self.args.floors:
             self.start_floors(up_port)
-        for name, log_level, workers in (("gateway 1w", "info", 1),
-                                         ("gateway 1w, log warning", "warning", 1),
-                                         ("gateway 2w", "info", 2)):
+        gateways = [("gateway 1w", "info", 1, ROOT),
+                    ("gateway 1w, log warning", "warning", 1, ROOT),
+                    ("gateway 2w", "info", 2, ROOT)]
+        if self.args.baseline:
+            gateways.insert(1, (BASELINE, "info", 1, Path(self.args.baseline).resolve()))
+        for name, log_level, workers, root in gateways:
             redis_url = self.args.redis_url if workers > 1 else None
             config = gateway_config(self.workdir / f"gateway-{len(self.procs)}.yaml", up_port,
                                     log_level, redis_url)
             try:
-                proc = start_gateway(name, config, workers, self.workdir)
+                proc = start_gateway(name, config, workers, self.workdir, root)
             except RuntimeError as exc:
                 self.results.notes.append(f"{name}: not measured: {str(exc).strip()[-300:]}")
                 continue
@@ -970,32 +982,38 @@ class Session:
               f"{_f(measure.per_request_us())} us CPU/req", file=sys.stderr)
         return measure
 
-    def measure_throughput(self) -> None:
+    def in_rounds(self, cases: list[tuple[Target, str]], connections: int, seconds: int,
+                  warm: bool = True) -> list[Measure]:
         """Every case once per round, rounds in turn, so a noisy spell hits all cases alike;
-        each row is the round with the median CPU per request."""
-        plan = self.plan
+        for each case the round with the median CPU per request."""
+        rounds: list[list[Measure]] = [[] for _ in cases]
+        for round_ in range(self.plan.repeat):
+            for runs, (target, kind) in zip(rounds, cases, strict=True):
+                runs.append(self.loaded(target, kind, connections, seconds,
+                                        warm=warm and round_ == 0))
+        return [_median(runs) for runs in rounds]
+
+    def measure_throughput(self) -> None:
         cases: list[tuple[Target, str]] = []
         for kind in ("json", "sse"):
             cases += [(target, kind) for target in self.targets.values()]
-            if "gateway 1w" in self.targets:
-                gateway = self.targets["gateway 1w"]
+            for gateway in self.compared():
                 cases.append((gateway, "renamed" if kind == "sse" else "renamed-json"))
                 if kind == "sse":
                     cases.append((gateway, "sse-nousage"))
-        rounds: list[list[Measure]] = [[] for _ in cases]
-        for round_ in range(plan.repeat):
-            for runs, (target, kind) in zip(rounds, cases, strict=True):
-                runs.append(self.loaded(target, kind, plan.connections, plan.duration_s,
-                                        warm=round_ == 0))
-        self.results.throughput = [_median(runs) for runs in rounds]
+        self.results.throughput = self.in_rounds(cases, self.plan.connections,
+                                                 self.plan.duration_s)
+
+    def compared(self) -> list[Target]:
+        """The 1-worker gateway, and the baseline beside it when there is one."""
+        return [self.targets[name] for name in ("gateway 1w", BASELINE) if name in self.targets]
 
     def measure_sequential(self) -> None:
-        for kind in ("json", "sse"):
-            for name in ("direct", "nginx 1w", "gateway 1w"):
-                if name in self.targets:
-                    self.results.sequential.append(self.loaded(
-                        self.targets[name], kind, 1, self.plan.sequential_s,
-                        warm=not self.plan.quick))
+        cases = [(self.targets[name], kind) for kind in ("json", "sse")
+                 for name in ("direct", "nginx 1w", "gateway 1w", BASELINE)
+                 if name in self.targets]
+        self.results.sequential = self.in_rounds(cases, 1, self.plan.sequential_s,
+                                                 warm=not self.plan.quick)
 
     def measure_bursts(self) -> None:
         assert self.bench
@@ -1003,6 +1021,7 @@ class Session:
                  ("gateway 1w", "paced", "gateway 1w, pool 4096 (default)"),
                  ("gateway 1w", "paced-wide", "gateway 1w, pool 8192"),
                  ("gateway 2w", "paced-wide", "gateway 2w, pool 8192"),
+                 (BASELINE, "paced-wide", f"{BASELINE}, pool 8192"),
                  *((name, "paced", name) for name in FLOORS.values())]
         for streams in self.plan.streams:
             for name, kind, label in cases:
@@ -1016,22 +1035,26 @@ class Session:
                 time.sleep(0.5 if self.plan.quick else 1.0)
 
     def profile(self) -> None:
-        target, bench, plan = self.targets.get("gateway 1w"), self.bench, self.plan
-        if target is None or bench is None:
+        if self.bench is None or not self.compared():
             return
         if py_spy() is None:
             self.results.notes.append("--profile: py-spy not found "
                                       "(`.venv/bin/pip install py-spy`)")
             return
+        for target in self.compared():
+            self.profile_one(self.bench, target)
+
+    def profile_one(self, bench: Bench, target: Target) -> None:
+        plan = self.plan
         for kind in ("json", "sse", "renamed", "sse-nousage"):
-            title = f"{_answer(kind)}, wrk -c{plan.connections}"
+            title = f"{target.name}: {_answer(kind)}, wrk -c{plan.connections}"
             self.results.profiles += profile(bench, target, kind, plan.profile_s, lambda k=kind: (
                 bench.wrk_run(target, k, plan.connections, plan.threads, plan.profile_s + 1)),
                 self.workdir, title)
         streams = plan.streams[0]
         self.results.profiles += profile(bench, target, "paced-wide", 3, lambda: (
             bench.burst(target, "paced-wide", streams)), self.workdir,
-            f"{streams} paced streams at once (pool 8192)")
+            f"{target.name}: {streams} paced streams at once (pool 8192)")
 
 
 def report(session: Session, header: str) -> None:
@@ -1053,7 +1076,8 @@ def report(session: Session, header: str) -> None:
           "this bench.\n")
     print("### What a feature costs (gateway 1 worker, same load)\n")
     print("\n".join(feature_table(results)))
-    print(f"\n### Sequential: 1 connection, {plan.sequential_s} s each\n")
+    print(f"\n### Sequential: 1 connection, {plan.repeat} rounds of {plan.sequential_s} s; "
+          "each row the round with the median CPU per request\n")
     print("\n".join(sequential_table(results.sequential)))
     print(f"\n### Many slow streams: all opened at once, {PACED_TOKENS} tokens at "
           f"{1000 // PACE_MS}/s each ({PACED_FRAMES} frames)\n")
@@ -1092,6 +1116,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"# logs and configs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.baseline:
+        revision += f", baseline at {gateway_revision(Path(args.baseline).resolve())}"
     header = (f"## Relay CPU (gateway at {revision}; {os.cpu_count()} cores; "
               f"{_versions(session.wrk, session.nginx)}; load average {load_before[0]:.2f} "
               f"before, {os.getloadavg()[0]:.2f} after; {time.monotonic() - started:.0f} s)")
@@ -1113,6 +1139,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the 1-worker gateway")
     parser.add_argument("--floors", action="store_true",
                         help="also measure bench/relay_floor.py's bare relays")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the gateway from DIR (say, `git worktree add DIR "
+                             "<commit>`), same run: before and after under the same noise")
     parser.add_argument("--profile-seconds", type=int, help="seconds per profile (8; quick 4)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get wrk/nginx")
     parser.add_argument("--keep", action="store_true", help="keep logs and configs")
