@@ -510,8 +510,8 @@ def test_a_reload_changes_a_nodes_budget_while_its_model_stays_resident(
     import yaml
 
     from gateway.app import create_app
+    from gateway.config.reader import load_config
     from gateway.config.reload import file_loader
-    from gateway.config.schema import load_config
 
     path = tmp_path / "gateway.yaml"
     config = two_nodes(node_a.url, node_b.url)
