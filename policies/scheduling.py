@@ -247,9 +247,15 @@ def _next_change(models: Models, config: BatchingConfig, now: float) -> float | 
 
 
 def _deadline(model: ModelView, config: BatchingConfig) -> float:
-    """Latest start that still serves the oldest waiter within max_wait: its load comes first."""
+    """Latest start that still serves the oldest waiter within max_wait: its load comes first.
+
+    A load that alone takes nearly max_wait or more (a 70B on a Mac) can meet it from no start,
+    so it still waits out the window: overdue at its first request, it would jump every waiter
+    that came before it.
+    """
     load = 0.0 if model.resident else model.load_seconds
-    return _oldest_since(model) + _seconds(config.max_wait_ms) - load
+    max_wait = _seconds(config.max_wait_ms)
+    return _oldest_since(model) + max(max_wait - load, min(_seconds(config.window_ms), max_wait))
 
 
 def _residency_end(model: ModelView, config: BatchingConfig) -> float:

@@ -112,6 +112,18 @@ def test_max_wait_overrides_minimum_residency() -> None:
     assert plan.reason.startswith("max_wait override")
 
 
+def test_a_load_longer_than_max_wait_does_not_jump_the_waiters_before_it() -> None:
+    # The 70B's load alone (60 s) passes max_wait, so no start meets it: it waits out the
+    # window like any other, and the 32B asked for before it goes first; once the window is
+    # over it is overdue and overrides.
+    older = waiting("reason", since=NOW - 1.5, load_seconds=30)
+    big = waiting("llama", since=NOW - 0.5, load_seconds=60)
+    assert plan_for(loaded("embed"), older, big).reason.startswith("window")
+    assert plan_for(loaded("embed"), older, big, now=NOW + 1).load == "reason"
+    overdue = plan_for(loaded("embed"), older, big, now=NOW + 2)
+    assert overdue.load == "llama" and overdue.reason.startswith("max_wait override")
+
+
 def test_the_override_serves_the_oldest_waiter_not_the_biggest_queue() -> None:
     big, old = waiting("b", queued=20, since=NOW - 30), waiting("c", since=NOW - 59)
     plan = plan_for(loaded("a"), big, old)
