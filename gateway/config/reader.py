@@ -224,18 +224,22 @@ def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendC
                 + suggestion(str(endpoint), OPENAI_ENDPOINTS),
             )
     env = reader.section(data, "env", path)
+
+    def get(key: str, kind: type) -> Any:
+        return reader.get(data, key, path, kind, default(BackendConfig, key))
+
     return BackendConfig(
         name=name,
         kind=kind,
         base_url=_normalise_url(base_url),
         api_key=reader.get(data, "api_key", path, str, None),
         timeouts=_timeouts(reader, data, path),
-        max_connections=reader.get(data, "max_connections", path, int, 4096),
+        max_connections=get("max_connections", int),
         endpoints=frozenset(endpoints),
         cmd=cmd,
-        health_path=reader.get(data, "health_path", path, str, "/health"),
-        start_timeout=reader.get(data, "start_timeout", path, float, 120.0),
-        stop_grace=reader.get(data, "stop_grace", path, float, 10.0),
+        health_path=get("health_path", str),
+        start_timeout=get("start_timeout", float),
+        stop_grace=get("stop_grace", float),
         env={str(k): str(v) for k, v in env.items()},
         node=reader.get(data, "node", path, str, None),
     )
@@ -298,7 +302,7 @@ def _normalise_url(url: str | None) -> str | None:
 
 
 def _priority(reader: _Reader, data: Mapping[str, Any], path: str) -> str:
-    value = reader.get(data, "priority", path, str, "normal")
+    value = reader.get(data, "priority", path, str, default(ModelConfig, "priority"))
     value = "normal" if value == "medium" else value
     if value not in PRIORITY_WEIGHT:
         reader.error(_join(path, "priority"), f"must be high, normal or low, got {value!r}"
@@ -335,15 +339,15 @@ def _model(
         raise reader.fail(_join(path, "backend"), "is required (or a path of the form ollama:NAME)")
     if not placed:
         _known_backend(reader, backend, _join(path, "backend"), backends)
-    size_gb = reader.get(data, "size_gb", path, float, 0.0)
-    ttl = reader.get(data, "ttl", path, float, 0.0)
+    size_gb = reader.get(data, "size_gb", path, float, default(ModelConfig, "size_gb"))
+    ttl = reader.get(data, "ttl", path, float, default(ModelConfig, "ttl_s"))
     reader.positive(size_gb, _join(path, "size_gb"))
     reader.positive(ttl, _join(path, "ttl"))
     model = ModelConfig(
         name=name,
         backend=str(backend),
         served_name=served or name,
-        type=reader.get(data, "type", path, str, "llm"),
+        type=reader.get(data, "type", path, str, default(ModelConfig, "type")),
         size_gb=size_gb,
         priority=_priority(reader, data, path),
         ttl_s=ttl,
@@ -371,9 +375,16 @@ def _served(reader: _Reader, data: Mapping[str, Any], path: str) -> dict[str, An
     return {
         "aliases": tuple(aliases),
         "max_concurrent": _positive_int(reader, data, "max_concurrent", path),
-        "cache_enabled": reader.get(cache, "enabled", _join(path, "cache"), bool, True),
-        "cache_shared": reader.get(cache, "shared", _join(path, "cache"), bool, False),
+        "cache_enabled": reader.get(cache, "enabled", _join(path, "cache"), bool,
+                                    default(ModelConfig, "cache_enabled")),
+        "cache_shared": reader.get(cache, "shared", _join(path, "cache"), bool,
+                                   default(ModelConfig, "cache_shared")),
     }
+
+
+def default(schema: type, name: str) -> Any:
+    """A field's default as its dataclass declares it: each default is written once, there."""
+    return next(f.default for f in dataclasses.fields(schema) if f.name == name)
 
 
 def _items(reader: _Reader, data: Mapping[str, Any], key: str, path: str) -> list[Any]:
@@ -452,17 +463,19 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
     ):
         if env.get(var):
             section[key] = _env_value(reader, var, env[var], kind, section.get(key))
+    d = SwapperConfig()
+
+    def get(key: str, kind: type) -> Any:
+        return reader.get(section, key, "swapper", kind, getattr(d, key))
+
     config = SwapperConfig(
-        mode=reader.choice(section, "mode", "swapper", _MODES, "single-active"),
-        max_concurrent_models=reader.get(section, "max_concurrent_models", "swapper", int, 1),
-        model_swap_timeout=reader.get(section, "model_swap_timeout", "swapper", float, 300.0),
-        gpu_enabled=reader.get(section, "gpu_enabled", "swapper", bool, True),
-        metal_acceleration=reader.get(section, "metal_acceleration", "swapper", bool, False),
-        default_model=reader.get(section, "default_model", "swapper", str, None),
-        memory_budget_gb=reader.get(section, "memory_budget_gb", "swapper", float, None),
-        max_queue_per_model=reader.get(section, "max_queue_per_model", "swapper", int, 256),
-        max_queue_total=reader.get(section, "max_queue_total", "swapper", int, 1024),
-        load_timeout_s=reader.get(section, "load_timeout_s", "swapper", float, 600.0),
+        mode=reader.choice(section, "mode", "swapper", _MODES, d.mode),
+        max_concurrent_models=get("max_concurrent_models", int),
+        model_swap_timeout=get("model_swap_timeout", float),
+        gpu_enabled=get("gpu_enabled", bool), metal_acceleration=get("metal_acceleration", bool),
+        default_model=get("default_model", str), memory_budget_gb=get("memory_budget_gb", float),
+        max_queue_per_model=get("max_queue_per_model", int),
+        max_queue_total=get("max_queue_total", int), load_timeout_s=get("load_timeout_s", float),
     )
     reader.positive(config.max_concurrent_models, "swapper.max_concurrent_models", allow_zero=False)
     reader.positive(config.model_swap_timeout, "swapper.model_swap_timeout", allow_zero=False)
@@ -591,7 +604,8 @@ def _key(reader: _Reader, index: int, data: Any, env: Mapping[str, str]) -> KeyC
     return KeyConfig(
         name=name, secret=_secret(reader, data, path, env),
         models=frozenset(models) if models is not None else None,
-        max_concurrent=concurrent, admin=reader.get(data, "admin", path, bool, False), **limits,
+        max_concurrent=concurrent, **limits,
+        admin=reader.get(data, "admin", path, bool, default(KeyConfig, "admin")),
     )
 
 
