@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import structlog
@@ -21,12 +21,15 @@ from redis.exceptions import RedisError
 from gateway.config.schema import GatewayConfig, ModelConfig
 from gateway.residency.admission import Slot
 from gateway.residency.drivers.base import Driver, DriverError, Measured
+from gateway.residency.nodes import Lane
 from policies.types import State
 
 log = structlog.get_logger(__name__)
 
 _REDIS_TIMEOUT_S = 2.0
 _CHANGE_GB = 0.05  # smaller changes (a KV cache filling) are not news for the policy
+_ROOM_SLACK_GB = 0.05  # a reading of free memory is rounded to MiB; do not refuse for that
+_HOLDING = (State.LOADED, State.LOADING, State.UNLOADING)
 
 
 def route_key(model: ModelConfig) -> str:
@@ -131,3 +134,49 @@ class Meter:
                 await self.book.record(route_key(slot.model), found)
             slot.measured = found
         return changed
+
+    async def measure_node(self, lane: Lane, drivers: Sequence[Driver],
+                           slots: Iterable[Slot]) -> bool:
+        """What the node's resident models hold, and what its GPUs have free; True if news."""
+        slots = list(slots)
+        changed = False
+        for driver in drivers:
+            changed |= await self.measure(driver, [s for s in slots if s.driver is driver])
+        free = await _free_gb(drivers)
+        if free is not None:
+            lane.saw_free(free, _resident_gb(lane, slots))
+        return changed
+
+    async def room_for(self, lane: Lane, drivers: Sequence[Driver], slots: Iterable[Slot],
+                       slot: Slot) -> bool:
+        """Where the node's free memory can be read, whether what the model needs is free;
+        if not, the node's room shrinks to what it really has and the policy decides again
+        (evicting more)."""
+        free = await _free_gb(drivers)
+        if free is None:
+            return True
+        lane.saw_free(free, _resident_gb(lane, slots))
+        need = slot.size_gb
+        if need <= free + _ROOM_SLACK_GB:
+            return True
+        log.info("scheduler.swap_deferred", node=lane.name, load=slot.model.name,
+                 reason="not enough free memory", needs_gb=round(need, 2),
+                 free_gb=round(free, 2))
+        return False
+
+
+async def _free_gb(drivers: Iterable[Driver]) -> float | None:
+    for driver in drivers:
+        try:
+            free = await driver.free_gb()
+        except (DriverError, TimeoutError):
+            continue
+        if free is not None:
+            return free  # the node's drivers share its GPUs: one reading is the node's
+    return None
+
+
+def _resident_gb(lane: Lane, slots: Iterable[Slot]) -> float:
+    """What the node's managed models hold or are about to (loading, unloading)."""
+    return sum(s.size_gb for s in slots
+               if s.managed and s.node == lane.name and s.residency.state in _HOLDING)

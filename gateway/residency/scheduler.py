@@ -59,7 +59,6 @@ from policies.types import ModelView, State
 log = structlog.get_logger("gateway.scheduler")
 
 RECONCILE_INTERVAL_S = 10.0
-_ROOM_SLACK_GB = 0.05  # a reading of free memory is rounded to MiB; do not refuse for that
 DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is deferred
 
 
@@ -644,51 +643,15 @@ class Scheduler:
     # -- measured memory -------------------------------------------------------------------
 
     async def _measure(self, lane: Lane) -> bool:
-        """What the node's resident models hold, and what its GPUs have free; True if news."""
-        changed = False
-        for driver in self._drivers_of(lane):
-            slots = [s for s in self.slots.values() if s.driver is driver]
-            changed |= await self.meter.measure(driver, slots)
-        free = await self._free_gb(lane)
-        if free is not None:
-            lane.saw_free(free, self._resident_gb(lane))
-        return changed
+        return await self.meter.measure_node(lane, self._drivers_of(lane), self.slots.values())
 
     async def _room_for(self, lane: Lane, slot: Slot) -> bool:
-        """Where the node's free memory can be read, whether what the model needs is free;
-        if not, the node's room shrinks to what it really has and the policy decides again
-        (evicting more)."""
-        free = await self._free_gb(lane)
-        if free is None:
-            return True
-        lane.saw_free(free, self._resident_gb(lane))
-        need = slot.size_gb
-        if need <= free + _ROOM_SLACK_GB:
-            return True
-        log.info("scheduler.swap_deferred", node=lane.name, load=slot.model.name,
-                 reason="not enough free memory", needs_gb=round(need, 2),
-                 free_gb=round(free, 2))
-        return False
-
-    async def _free_gb(self, lane: Lane) -> float | None:
-        for driver in self._drivers_of(lane):
-            try:
-                free = await driver.free_gb()
-            except (DriverError, TimeoutError):
-                continue
-            if free is not None:
-                return free  # the node's drivers share its GPUs: one reading is the node's
-        return None
+        return await self.meter.room_for(lane, self._drivers_of(lane), self.slots.values(), slot)
 
     def _drivers_of(self, lane: Lane) -> list[Driver]:
         drivers = {id(self.drivers[b]): self.drivers[b] for b in lane.backends
                    if b in self.drivers}
         return list(drivers.values())
-
-    def _resident_gb(self, lane: Lane) -> float:
-        holding = (State.LOADED, State.LOADING, State.UNLOADING)
-        return sum(s.size_gb for s in self.slots.values()
-                   if s.managed and s.node == lane.name and s.residency.state in holding)
 
     # -- lifecycle --------------------------------------------------------------------------
 
