@@ -6,7 +6,9 @@ lazily on each request, against a monotonic clock), and when memory is short Oll
 least-recently-used idle models by itself. Names are canonical as in Ollama: "llama3" is served,
 listed and counted as "llama3:latest".
 
-Counters live on ``app.state.emulator`` (an `EmulatorState`) as plain attributes.
+Counters live on ``app.state.emulator`` (an `EmulatorState`) as plain attributes, and for an
+emulator run as a process (``python -m tests.emulators.ollama --model NAME=GB ...``, on another
+network host, say) the memory ones are read at ``GET /_emulator``.
 """
 
 from __future__ import annotations
@@ -785,7 +787,42 @@ def create_app(
             Route("/v1/chat/completions", _v1_chat, methods=["POST"]),
             Route("/v1/completions", _v1_completions, methods=["POST"]),
             Route("/v1/embeddings", _v1_embeddings, methods=["POST"]),
+            Route("/_emulator", _counters),
         ]
     )
     app.state.emulator = state
     return app
+
+
+async def _counters(request: Request) -> Response:
+    """The memory accounting, for a test that runs the emulator out of its own process."""
+    state: EmulatorState = request.app.state.emulator
+    return JSONResponse({
+        "loaded": sorted(state.loaded), "max_loaded_bytes": state.max_loaded_bytes,
+        "refused_loads": dict(state.refused_loads), "load_count": dict(state.load_count),
+        "load_spans": state.load_spans, "requests": dict(state.requests),
+    })
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Ollama emulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--model", action="append", required=True, help="NAME=GB, repeatable")
+    parser.add_argument("--load-delay", type=float, default=0.2)
+    parser.add_argument("--memory-gb", type=float)
+    parser.add_argument("--refuse-over-memory", action="store_true")
+    args = parser.parse_args(argv)
+    models = {name: float(size) for name, _, size in (m.partition("=") for m in args.model)}
+    app = create_app(models, load_delay=args.load_delay, memory_gb=args.memory_gb,
+                     refuse_over_memory=args.refuse_over_memory)
+    print(f"ollama emulator: serving on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
