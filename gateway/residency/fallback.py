@@ -3,8 +3,8 @@
 `fallback:` (vLLM in production, Ollama behind it, say): requests go to the first route whose
 backend is up and whose model is not waiting out a failed load (`policies.fallback`).
 `routes:`: the placement policy picks the route (`policies.placement`): where the model is
-resident (the least busy copy), else where it is already on its way, else where it fits, else
-where making room costs least, among routes whose backend is up.
+resident (the least busy copy), else where it is already on its way, else on the node where
+it costs least (the wait there plus what making room costs), among routes whose backend is up.
 
 A backend is down after `threshold` failed requests in a row (unreachable, timing out,
 answering 5xx); a background check asks its driver's health every few seconds and brings it
