@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import re
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -38,8 +42,9 @@ class Backend:
     """Each request it reads gets the next answer of `answers`; an answer returning False ends
     the connection. It counts connections and keeps what it was sent."""
 
-    def __init__(self, *answers: Answer) -> None:
+    def __init__(self, *answers: Answer, tls: ssl.SSLContext | None = None) -> None:
         self.answers = list(answers)
+        self._tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.hung_up = asyncio.Event()  # a client closed a connection first
@@ -48,9 +53,10 @@ class Backend:
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Backend:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        scheme = "https" if self._tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}/v1/chat/completions"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -247,3 +253,30 @@ async def test_a_large_upload_and_a_large_answer_go_whole(client: Client,
         assert await response.read() == answer
         response.release()
     assert backend.requests[0].endswith(b"\r\n\r\n" + upload)
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_an_https_backend_is_reached_over_tls_and_its_certificate_checked(
+        certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with Backend(whole(), whole(), tls=serving) as backend:
+        client = Client(Timeouts(connect=2, read=5, pool=1), 4, tls=trusting)
+        response = await client.post(backend.url, b"{}", {})
+        assert await response.read() == JSON
+        response.release()
+        with pytest.raises(ConnectFailed):  # the system's authorities do not know this one
+            await Client(Timeouts(connect=2, read=5, pool=1), 4).post(backend.url, b"{}", {})

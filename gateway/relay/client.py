@@ -365,13 +365,15 @@ class Client:
     turn, up to `timeouts.pool`), over as many origins as it has (a process backend runs one
     server per model)."""
 
-    def __init__(self, timeouts: Timeouts, max_connections: int) -> None:
+    def __init__(self, timeouts: Timeouts, max_connections: int,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: for https origins; by default the system's certificate authorities."""
         self.timeouts = timeouts
         self._turns = asyncio.Semaphore(max_connections)
         self.in_use = 0  # requests sent whose answer is not yet done with
         self._pools: dict[Origin, _Pool] = {}
         self._urls: dict[str, tuple[Origin, str]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
 
     async def post(self, url: str, body: bytes | bytearray,
                    headers: Mapping[str, str]) -> UpstreamResponse:
