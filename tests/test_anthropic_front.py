@@ -5,6 +5,7 @@ backend that declares `messages`, and errors in Anthropic's shape."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic
@@ -175,6 +176,22 @@ def test_a_messages_backend_gets_the_request_as_it_came(gateway: Any, native: An
     with client(gateway).messages.stream(model="native", max_tokens=64,
                                          messages=HELLO) as stream:
         assert "".join(stream.text_stream) == message.content[0].text  # type: ignore[union-attr]
+
+
+def test_passed_through_answers_are_counted_in_tokens(gateway: Any) -> None:
+    """Usage in Anthropic's words (input_tokens, output_tokens) is read too: a stream says the
+    input in its first event and the output in its last."""
+    message = client(gateway).messages.create(model="native", max_tokens=64, messages=HELLO)
+    with client(gateway).messages.stream(model="native", max_tokens=64,
+                                         messages=HELLO) as stream:
+        final = stream.get_final_message()
+    metrics = httpx.get(gateway.url + "/metrics", headers={"accept": "text/plain"}).text
+    counted = {kind: float(re.search(  # type: ignore[union-attr]
+        rf'swapper_tokens_total{{kind="{kind}",model="native"}} ([\d.]+)', metrics)[1])
+        for kind in ("prompt", "completion")}
+    assert counted == {"prompt": message.usage.input_tokens + final.usage.input_tokens,
+                       "completion": message.usage.output_tokens + final.usage.output_tokens}
+    assert counted["prompt"] > 0 and counted["completion"] == 2 * TOKENS
 
 
 def test_count_tokens_where_the_backend_counts_them(gateway: Any) -> None:

@@ -33,6 +33,29 @@ def test_usage_of_a_stream_split_anywhere(cuts: list[int]) -> None:
     assert scanner.usage == Usage(12, 7, 19)
 
 
+ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
+             b'"usage":{"input_tokens":25,"output_tokens":1}}}\n\n'
+             b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+             b'"delta":{"type":"text_delta","text":"usage"}}\n\n'
+             b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+             b'"end_turn"},"usage":{"output_tokens":15}}\n\n'
+             b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+def test_usage_of_an_anthropic_message() -> None:
+    body = b'{"type":"message","usage":{"input_tokens":9,"output_tokens":4}}'
+    assert usage_of(body) == Usage(9, 4, 13)
+
+
+@given(st.lists(st.integers(1, len(ANTHROPIC) - 1), max_size=12))
+def test_an_anthropic_stream_says_its_input_first_and_its_output_last(cuts: list[int]) -> None:
+    scanner = UsageScanner()
+    edges = [0, *sorted(set(cuts)), len(ANTHROPIC)]
+    for start, end in itertools.pairwise(edges):
+        scanner.feed(ANTHROPIC[start:end])
+    assert scanner.usage == Usage(25, 15, 40)
+
+
 TOKEN = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"[]"}}],"usage":null}'
 USAGE_ONLY = b'data: {"id":"1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
 EMPTY_CHOICES = b'data: {"id":"1","choices":[]}'  # no usage: a client's own, kept

@@ -1,5 +1,7 @@
 """Token usage read off answers (for metrics and per-key token budgets), without parsing them:
-a search for the usage object's numbers after the answer's last `"usage"`."""
+a search for the usage object's numbers after the answer's last `"usage"`, in OpenAI's words
+(`prompt_tokens`, `completion_tokens`) or Anthropic's (`input_tokens`, `output_tokens`: a
+passed-through Messages stream says the first in its opening event and the second in its last)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from dataclasses import dataclass
 import orjson
 
 _EMPTY_LIST = re.compile(rb"\[\]")  # a compiled search: bytes.find(b"[]") is 3x slower here
-_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+_FIELD = re.compile(
+    rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+_NUMBERS_WITHIN = 512  # bytes after `"usage"` that hold its numbers
 
 
 @dataclass(frozen=True)
@@ -19,35 +23,43 @@ class Usage:
     total: int = 0
 
 
-def usage_of(payload: bytes) -> Usage:
-    """The usage in one JSON answer or the tail of a stream; zeros when there is none."""
-    start = payload.rfind(b'"usage"')
-    if start < 0:
-        return Usage()
-    fields = {name: int(value) for name, value in _FIELD.findall(payload, start)}
-    prompt = fields.get(b"prompt_tokens", 0)
-    completion = fields.get(b"completion_tokens", 0)
+def usage_of(payload: bytes, opening: bytes = b"") -> Usage:
+    """The usage in one JSON answer or the tail of a stream; zeros when there is none.
+    `opening`: a stream's first stretch mentioning usage; the tail's figures win over it."""
+    fields: dict[bytes, int] = {}
+    for stretch, start in ((opening, opening.find(b'"usage"')),
+                           (payload, payload.rfind(b'"usage"'))):
+        if start >= 0:
+            fields.update((name, int(value)) for name, value in _FIELD.findall(stretch, start))
+    prompt = fields.get(b"prompt_tokens", fields.get(b"input_tokens", 0))
+    completion = fields.get(b"completion_tokens", fields.get(b"output_tokens", 0))
     return Usage(prompt, completion, fields.get(b"total_tokens", prompt + completion))
 
 
 class UsageScanner:
-    """Keeps the last stretch of a stream that mentions usage (the usage chunk comes last)."""
+    """Keeps the last stretch of a stream that mentions usage (the usage chunk comes last), and
+    the first (where an Anthropic stream says its input tokens)."""
 
     def __init__(self) -> None:
+        self._first = b""
         self._last = b""
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
+        if 0 < len(self._first) < _NUMBERS_WITHIN:  # the first's numbers may come later
+            self._first = (self._first + chunk)[:_NUMBERS_WITHIN]
         window = self._tail + chunk  # a `"usage"` may be split between two chunks
         if b'"usage"' in window:
             self._last = window[window.rfind(b'"usage"'):]
-        elif self._last and len(self._last) < 512:
+            if not self._first:
+                self._first = window[window.find(b'"usage"'):][:_NUMBERS_WITHIN]
+        elif self._last and len(self._last) < _NUMBERS_WITHIN:
             self._last += chunk  # the usage object's numbers may come in the next chunk
         self._tail = chunk[-8:]
 
     @property
     def usage(self) -> Usage:
-        return usage_of(self._last)
+        return usage_of(self._last, self._first)
 
 
 class UsageChunkFilter:
