@@ -110,8 +110,10 @@ def fleet(hosts: dict[str, NetworkHost]) -> dict[str, Any]:
         "batching": {"window_ms": 20, "min_residency_ms": 0, "max_wait_ms": 5000},
         "nodes": {"a": {"memory_budget_gb": 8, "max_concurrent_models": 2},
                   "b": {"memory_budget_gb": 8, "mode": "single-active"}},
+        # A host gone is noticed in 3 s (the default is 30) rather than after the read timeout.
         "backends": {f"ollama-{n}": {"kind": "ollama", "base_url": h.url, "node": n,
-                                     "timeouts": {"connect": 2}} for n, h in hosts.items()},
+                                     "timeouts": {"connect": 2, "dead_host": 3}}
+                     for n, h in hosts.items()},
         "models": {
             "only-a": {"backend": "ollama-a", "served_name": "only-a:7b", "size_gb": 4},
             "only-b": {"backend": "ollama-b", "served_name": "only-b:7b", "size_gb": 4},
@@ -126,6 +128,11 @@ def ask(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
 
 
+def chat(gateway: Any, model: str) -> int:
+    return httpx.post(gateway.url + "/v1/chat/completions", json=ask(model),
+                      timeout=60).status_code
+
+
 def test_two_hosts_load_at_once_and_each_keeps_its_own_budget(
         start_gateway: Any, hosts: dict[str, NetworkHost]) -> None:
     gateway = start_gateway(fleet(hosts))
@@ -133,8 +140,7 @@ def test_two_hosts_load_at_once_and_each_keeps_its_own_budget(
 
     def call(model: str) -> int:
         together.wait()
-        return httpx.post(gateway.url + "/v1/chat/completions", json=ask(model),
-                          timeout=60).status_code
+        return chat(gateway, model)
 
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(call, ["only-a", "only-b"])) == [200, 200]
@@ -144,7 +150,7 @@ def test_two_hosts_load_at_once_and_each_keeps_its_own_budget(
 
     trace = ["both", "big", "only-b", "both", "only-a", "big", "both", "only-b"] * 2
     with ThreadPoolExecutor(6) as pool:
-        codes = list(pool.map(call_once(gateway.url), trace))
+        codes = list(pool.map(lambda model: chat(gateway, model), trace))
     assert codes == [200] * len(trace)
     for host in hosts.values():
         counters = host.counters()
@@ -152,7 +158,30 @@ def test_two_hosts_load_at_once_and_each_keeps_its_own_budget(
         assert not counters["refused_loads"], "a load was sent that the host could not hold"
 
 
-def call_once(url: str) -> Any:
-    def call(model: str) -> int:
-        return httpx.post(url + "/v1/chat/completions", json=ask(model), timeout=60).status_code
-    return call
+def test_a_host_cut_off_the_network_is_routed_around_and_found_again(
+        start_gateway: Any, hosts: dict[str, NetworkHost]) -> None:
+    gateway = start_gateway(fleet(hosts))
+    services = gateway.app.state.services
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=ask("both")).status_code == 200
+        assert hosts["a"].counters()["loaded"] == ["both:7b"]  # a's route comes first
+
+        hosts["a"].cut_off()
+        served = http.post("/v1/chat/completions", json=ask("both"))
+        stranded = http.post("/v1/chat/completions", json=ask("only-a"))
+
+        assert served.status_code == 200, served.text
+        assert hosts["b"].counters()["requests"] == {"both:7b": 1}
+        assert stranded.status_code in (502, 503)
+        assert stranded.json()["error"]["code"]  # OpenAI's shape, and no address in it
+        assert hosts["a"].address not in stranded.text
+
+        hosts["a"].reconnect()
+        gateway.call(services.scheduler.reconcile())
+        gateway.call(services.fallback.check())
+        status = http.get("/status").json()
+        assert status["nodes"]["a"]["resident_models"] == ["both"]  # still held there: found
+        # only-a's load failed while a was gone; a back, it is tried at once, not after its
+        # back-off
+        assert http.post("/v1/chat/completions", json=ask("only-a")).status_code == 200
+    assert hosts["a"].counters()["load_count"]["both:7b"] == 1  # found, never loaded twice

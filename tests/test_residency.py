@@ -41,6 +41,16 @@ def test_failed_load_waits_out_the_policys_back_off_and_recovers() -> None:
     assert (r.error, r.retry_at, r.failures) == (None, None, 0)
 
 
+def test_a_backend_back_lifts_the_back_off_of_what_may_pass_by_itself() -> None:
+    unreachable, missing = fresh(), fresh()
+    for r, retryable in ((unreachable, True), (missing, False)):
+        r.begin_load(0.0)
+        r.load_failed(1.0, "boom", retry_delay(1), retryable)
+        r.retry_now(2.0)
+    assert unreachable.may_load(2.0)  # its backend answers again: try at once
+    assert not missing.may_load(2.0)  # a model file missing is still missing
+
+
 def test_crash_allows_an_immediate_reload() -> None:
     r = fresh()
     r.begin_load(0.0)

@@ -196,7 +196,7 @@ def _timeouts(reader: _Reader, data: Mapping[str, Any], path: str) -> Timeouts:
     path = _join(path, "timeouts")
     values = {
         name: reader.get(section, name, path, float, getattr(Timeouts, name))
-        for name in ("connect", "read", "pool")
+        for name in ("connect", "read", "pool", "dead_host")
     }
     for name, value in values.items():
         reader.positive(value, _join(path, name), allow_zero=False)

@@ -58,6 +58,9 @@ class Timeouts:
     connect: float = 5.0  # TCP connect to the backend
     read: float = 600.0  # longest silence between two chunks of an answer
     pool: float = 30.0  # waiting for a free pooled connection
+    # A request sent and not acknowledged this long, or a silent connection whose keep-alive
+    # probes go unanswered: the backend's host is gone from the network (not merely slow).
+    dead_host: float = 30.0
 
 
 @dataclass(frozen=True)

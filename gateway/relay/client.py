@@ -182,6 +182,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None
         self.received = False  # any byte of the current answer
         self._keep_alive = False  # the current answer leaves the connection open
+        self._interim = False  # the head just parsed was a 1xx, not the answer's
         self.lost = False
         self.paused = False
         self.idle_since = 0.0
@@ -193,6 +194,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        watch_host(transport.get_extra_info("socket"), self._client.timeouts.dead_host)
 
     def data_received(self, data: bytes) -> None:
         response = self.response
@@ -222,8 +224,13 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._keep_alive = self._parser.should_keep_alive()  # known here, not after the body
+        status = self._parser.get_status_code()
+        self._interim = status < 200  # 100 Continue, 103 Early Hints: the answer comes next
         if self.response is not None:
-            self.response.status = self._parser.get_status_code()
+            if self._interim:
+                self.response.headers.clear()
+                return
+            self.response.status = status
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -233,7 +240,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response = self.response
-        if response is not None:
+        if response is not None and not self._interim:
             response.complete = True
             response._wake()
 
@@ -466,6 +473,24 @@ class Client:
         if self._tls is None:
             self._tls = ssl.create_default_context()
         return self._tls
+
+
+def watch_host(sock: socket.socket | None, dead_after_s: float) -> None:
+    """Notice a backend host that drops off the network within `dead_after_s`, not after the
+    read timeout (minutes, for a long generation): a request written to a pooled connection
+    whose host is gone is never acknowledged (TCP_USER_TIMEOUT), and a connection waiting for
+    an answer is probed while it is silent (keep-alive). A live host's kernel acknowledges
+    both however busy its GPU is."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probes = 3
+    interval = max(1, int(dead_after_s / (2 * probes)))
+    options = {"TCP_USER_TIMEOUT": int(dead_after_s * 1000), "TCP_KEEPIDLE": interval * probes,
+               "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": probes}
+    for name, value in options.items():
+        if hasattr(socket, name):  # Linux has them all; others keep the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _request_head(method: str, target: str, host: str, headers: Mapping[str, str],

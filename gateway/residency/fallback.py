@@ -88,6 +88,7 @@ class Fallback:
             driver = self.drivers.get(name)
             if driver is not None and await driver.health():
                 self.health.ok(name)
+                self.scheduler.backend_returned(name)
 
 
 def _single_route(model: ModelConfig | None) -> bool:

@@ -622,6 +622,15 @@ class Scheduler:
     async def reconcile(self) -> None:
         await self.truth.reconcile()
 
+    def backend_returned(self, backend: str) -> None:
+        """Its health check passes again after it was down: the loads that failed there may
+        be tried at once."""
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.model.backend == backend:
+                slot.residency.retry_now(now)
+        self.wake()
+
     def model_lost(self, name: str, reason: str) -> None:
         self.truth.model_lost(name, reason)
 

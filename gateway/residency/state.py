@@ -137,5 +137,11 @@ class Residency:
         current = now - self.loaded_since if self.loaded_since is not None else 0.0
         return self.total_uptime_s + current
 
+    def retry_now(self, now: float) -> None:
+        """What made the last load fail has passed (its backend answers again): no need to
+        wait out the back-off. A failure only an operator can fix stays backed off."""
+        if self.state is State.FAILED and self.retryable:
+            self.retry_at = now
+
     def may_load(self, now: float) -> bool:
         return self.state is not State.FAILED or self.retry_at is None or now >= self.retry_at
