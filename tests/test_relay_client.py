@@ -131,6 +131,22 @@ async def test_a_chunked_stream_comes_as_it_is_written(client: Client) -> None:
         response.release()
 
 
+async def test_an_interim_answer_is_passed_over(client: Client) -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+        return await whole()(reader, writer)
+
+    async with Backend(early_hints, whole(b'{"n":2}')) as backend:
+        response = await client.post(backend.url, b"{}", {})
+        assert response.status == 200 and "link" not in response.headers
+        assert await response.read() == JSON
+        response.release()
+        again = await client.post(backend.url, b"{}", {})
+        assert await again.read() == b'{"n":2}'
+        again.release()
+    assert backend.connections == 1
+
+
 async def test_a_body_without_length_ends_with_its_connection(client: Client) -> None:
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
@@ -155,6 +171,23 @@ async def test_a_connection_ending_midway_is_an_incomplete_answer(client: Client
         response = await client.post(backend.url, b"{}", {})
         with pytest.raises(IncompleteAnswer):
             await response.read()
+        response.close()
+
+
+async def test_what_came_before_a_drop_is_handed_over_before_the_failure(
+        client: Client) -> None:
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n")
+        return False
+
+    async with Backend(drop) as backend:
+        response = await client.post(backend.url, b"{}", {})
+        received = b""
+        with pytest.raises(IncompleteAnswer):
+            while chunk := await response.next_chunk():
+                received += chunk
+        assert received == b"data: 1\n\ndata: 2\n\n"
         response.close()
 
 
