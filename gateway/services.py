@@ -18,9 +18,9 @@ from gateway.config.catalog import Catalog
 from gateway.config.reload import Loader, checked, refuse_if_blocked
 from gateway.config.schema import ConfigError, GatewayConfig, ModelConfig
 from gateway.metrics import Metrics
+from gateway.relay.health import BackendHealth
 from gateway.relay.proxy import Proxy
 from gateway.relay.upstream import Upstreams
-from gateway.residency.backend_health import BackendHealth
 from gateway.residency.coordination import (
     Coordinator,
     LocalCoordinator,

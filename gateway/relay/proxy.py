@@ -22,9 +22,9 @@ from gateway.relay.client import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from gateway.relay.health import BackendHealth
 from gateway.relay.stream import ModelRenamer
 from gateway.relay.upstream import Upstreams
-from gateway.residency.backend_health import BackendHealth
 
 # Request headers that belong to this hop (or to the gateway's own auth), never forwarded.
 _DROP_REQUEST_HEADERS = frozenset({

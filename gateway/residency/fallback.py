@@ -20,7 +20,7 @@ import structlog
 
 from gateway.config.catalog import Catalog
 from gateway.config.schema import ModelConfig
-from gateway.residency.backend_health import BackendHealth
+from gateway.relay.health import BackendHealth
 from gateway.residency.drivers.base import Driver
 from gateway.residency.scheduler import Scheduler
 from gateway.residency.snapshot import SchedulerStatus

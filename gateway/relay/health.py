@@ -8,7 +8,7 @@ import structlog
 
 from policies.fallback import backend_down
 
-log = structlog.get_logger("gateway.residency.fallback")
+log = structlog.get_logger("gateway.relay.health")
 
 FAILURES_BEFORE_DOWN = 3
 
