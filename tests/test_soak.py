@@ -121,10 +121,11 @@ def measure(gateway: ServerThread) -> Figures:
     rss_kb = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
     async def inspect() -> tuple[int, int, int]:
-        sessions = gateway.app.state.services.upstreams._sessions  # type: ignore[attr-defined]
-        connector: Any = sessions["ollama"].connector
-        idle = sum(len(pooled) for pooled in connector._conns.values())
-        return len(asyncio.all_tasks()), len(connector._acquired), idle
+        upstreams = gateway.app.state.services.upstreams  # type: ignore[attr-defined]
+        relay = upstreams.client("ollama")  # every relayed call's connections
+        connector: Any = upstreams.session("ollama").connector  # the driver's calls
+        idle = relay.idle + sum(len(pooled) for pooled in connector._conns.values())
+        return len(asyncio.all_tasks()), relay.in_use + len(connector._acquired), idle
 
     tasks, in_use, idle = gateway.call(inspect())
     return Figures(rss_kb / 1024, len(os.listdir("/proc/self/fd")), tasks, in_use, idle)
