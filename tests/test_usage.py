@@ -24,13 +24,18 @@ def test_usage_of_a_json_answer() -> None:
     assert usage_of(b'{"usage":{"prompt_tokens":5}}') == Usage(5, 0, 5)  # embeddings
 
 
+def scanned(stream: bytes, cuts: list[int]) -> Usage:
+    """The usage a scanner reads off `stream` fed in the pieces `cuts` make."""
+    scanner = UsageScanner()
+    edges = [0, *sorted(set(cuts)), len(stream)]
+    for start, end in itertools.pairwise(edges):
+        scanner.feed(stream[start:end])
+    return scanner.usage
+
+
 @given(st.lists(st.integers(1, len(STREAM) - 1), max_size=12))
 def test_usage_of_a_stream_split_anywhere(cuts: list[int]) -> None:
-    scanner = UsageScanner()
-    edges = [0, *sorted(set(cuts)), len(STREAM)]
-    for start, end in itertools.pairwise(edges):
-        scanner.feed(STREAM[start:end])
-    assert scanner.usage == Usage(12, 7, 19)
+    assert scanned(STREAM, cuts) == Usage(12, 7, 19)
 
 
 ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
@@ -49,11 +54,7 @@ def test_usage_of_an_anthropic_message() -> None:
 
 @given(st.lists(st.integers(1, len(ANTHROPIC) - 1), max_size=12))
 def test_an_anthropic_stream_says_its_input_first_and_its_output_last(cuts: list[int]) -> None:
-    scanner = UsageScanner()
-    edges = [0, *sorted(set(cuts)), len(ANTHROPIC)]
-    for start, end in itertools.pairwise(edges):
-        scanner.feed(ANTHROPIC[start:end])
-    assert scanner.usage == Usage(25, 15, 40)
+    assert scanned(ANTHROPIC, cuts) == Usage(25, 15, 40)
 
 
 TOKEN = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"[]"}}],"usage":null}'
