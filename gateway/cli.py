@@ -341,12 +341,17 @@ def status_lines(url: str, state: dict[str, Any], described: list[dict[str, Any]
                        "LAST LOAD", "SIZE", "ERROR"], rows)]
 
 
+def _gb(value: float) -> str:
+    """GB as people read them: three significant digits (a measured figure has seven)."""
+    return f"{value:.3g} GB"
+
+
 def _memory(node: dict[str, Any]) -> str:
-    used = f"{node['resident_gb']:g} GB"
+    used = _gb(node["resident_gb"])
     if node["memory_budget_gb"] is not None:
-        used += f" of {node['memory_budget_gb']:g} GB"
+        used += f" of {_gb(node['memory_budget_gb'])}"
     if node["measured_gb"] is not None:
-        used += f" (measured {node['measured_gb']:g} GB)"
+        used += f" (measured {_gb(node['measured_gb'])})"
     return used
 
 
@@ -360,8 +365,8 @@ def _load_ms(seconds: float | None) -> str:
 
 
 def _size(size_gb: float, measured_gb: float | None) -> str:
-    size = f"{size_gb:g} GB" if size_gb else "-"
-    return size if measured_gb is None else f"{measured_gb:g} GB measured ({size})"
+    size = _gb(size_gb) if size_gb else "-"
+    return size if measured_gb is None else f"{_gb(measured_gb)} measured ({size})"
 
 
 def _one_line(error: str | None, limit: int = 60) -> str:
