@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ import pytest
 
 from tests.emulators import ollama, openai_server
 from tests.emulators.openai_server import embedding_vector, plan_chat, plan_text
-from tests.servers import serve
+from tests.servers import serve, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 WEATHER_TOOL = {
@@ -46,14 +46,6 @@ ANSWER_SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "string"}, "sure": {"type": "boolean"}},
 }
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 def sse_events(raw: bytes) -> list[Any]:
@@ -316,7 +308,8 @@ def test_ollama_openai_layer_with_the_official_client(ollama_backend: OllamaBack
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 8
-    assert state.last_body.endswith(b"data: [DONE]\n\n")
+    # The emulator records what it sent once its send is done, maybe after the client has read it.
+    wait_until(lambda: state.last_body.endswith(b"data: [DONE]\n\n"), message="the stream sent")
 
     tool = client.chat.completions.create(
         model="qwen2.5:7b", messages=messages, tools=[WEATHER_TOOL]
@@ -385,7 +378,8 @@ def test_vllm_chat_json_and_stream(vllm: VllmBackend) -> None:
         json={"model": "m2", "messages": messages, "stream": True, "max_tokens": 3},
     )
     assert raw.headers["content-type"].startswith("text/event-stream")
-    assert raw.content == state.last_body  # what was sent is what arrived
+    wait_until(lambda: raw.content == state.last_body,  # what was sent is what arrived
+               message="the stream recorded as sent")
     events = sse_events(raw.content)
     assert {e["object"] for e in events} == {"chat.completion.chunk"}
     assert len({e["id"] for e in events}) == 1
