@@ -52,9 +52,8 @@ class Services:
             name: create_driver(backend, self._models_of(name), self.upstreams)
             for name, backend in config.backends.items()
         }
-        self.scheduler = Scheduler(config, self.catalog, self.drivers,
-                                   coordinator=_coordinator(config),
-                                   sessions=self.upstreams.session)
+        self.scheduler = Scheduler(config, self.catalog, self.drivers, self.upstreams.session,
+                                   coordinator=_coordinator(config))
         self.fallback = Fallback(lambda: self.catalog, self.scheduler, self.drivers, self.health)
         self.cache = ResponseCache(config.cache)
         self.metrics = Metrics(self.scheduler, self.cache)

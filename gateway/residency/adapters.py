@@ -42,17 +42,17 @@ class Adapters:
 
     def ready(self, adapter: Slot, base: Slot) -> bool:
         """Registered on the base's current residency: a call may go at once."""
-        r = base.residency
-        return (r.state is State.LOADED and adapter.residency.state is State.LOADED
-                and self._on.get(adapter.model.name) == r.loaded_since)
+        return adapter.residency.state is State.LOADED and self._on_live_base(adapter, base)
 
     def follow_base(self, adapter: Slot, base: Slot) -> None:
         """An adapter shown loaded whose base has left (or was reloaded) is gone with it."""
-        gone = base.residency.state is not State.LOADED or \
-            self._on.get(adapter.model.name) != base.residency.loaded_since
-        if adapter.residency.state is State.LOADED and gone:
+        if adapter.residency.state is State.LOADED and not self._on_live_base(adapter, base):
             adapter.residency.lost(self._clock(), time.time())
             self._on.pop(adapter.model.name, None)
+
+    def _on_live_base(self, adapter: Slot, base: Slot) -> bool:
+        r = base.residency
+        return r.state is State.LOADED and self._on.get(adapter.model.name) == r.loaded_since
 
     async def register(self, adapter: Slot, base: Slot, url: str) -> None:
         """Make the adapter known to the base's vLLM at `url` (once per residency, however many

@@ -64,13 +64,13 @@ DRAIN_WAIT_S = 5.0  # for other replicas' requests on a victim; then the swap is
 
 class Scheduler:
     def __init__(self, config: GatewayConfig, catalog: Catalog, drivers: Mapping[str, Driver],
-                 clock: Callable[[], float] = time.monotonic,
+                 sessions: SessionFor, clock: Callable[[], float] = time.monotonic,
                  coordinator: Coordinator | None = None,
-                 jitter: Callable[[], float] = random.random,
-                 sessions: SessionFor | None = None) -> None:
+                 jitter: Callable[[], float] = random.random) -> None:
+        """`sessions`: each backend's HTTP session, for the adapters' registrations."""
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.clock = clock
-        self.adapters = Adapters(sessions or _no_sessions, clock)
+        self.adapters = Adapters(sessions, clock)
         self.jitter = jitter  # spreads the Retry-After of refused clients
         self.slots: dict[str, Slot] = {}
         self.truth = Truth(self.slots, clock, self.wake, self._spawn)
@@ -179,10 +179,7 @@ class Scheduler:
         taken as the adapter's once the adapter is registered on the base's residency."""
         adapter, base = self.slots[model.name], self.slots[model.adapter_of or ""]
         now = self.clock()
-        r = adapter.residency
-        if r.state is State.FAILED and not r.may_load(now):
-            raise load_failed(model.name, r.error or "unknown error",
-                              (r.retry_at or now) - now, r.retryable)
+        _refuse_backing_off(adapter, now)  # vLLM refused it: it backs off like a failed load
         if counted:
             adapter.rate.arrived(now)
             base.rate.arrived(now)  # the base's demand, as placement and the policy see it
@@ -236,10 +233,8 @@ class Scheduler:
 
     def _refuse_impossible(self, slot: Slot, now: float) -> None:
         """Refuse at once what waiting cannot help: a load backing off, a model too large."""
+        _refuse_backing_off(slot, now)
         r = slot.residency
-        if r.state is State.FAILED and not r.may_load(now):
-            raise load_failed(r.model.name, r.error or "unknown error",
-                                     (r.retry_at or now) - now, r.retryable)
         budget = self.lanes[slot.node].budget
         if slot.managed and not fits_at_all(slot.view(now), budget):
             raise too_large(r.model.name, r.model.size_gb, budget.memory_gb)
@@ -730,8 +725,12 @@ class _NodeBox:
         self._scheduler.begin_swap(self._lane, evict, load, reason, sleep)
 
 
-def _no_sessions(backend: str) -> Any:
-    raise DriverError(f"backend '{backend}': no HTTP client for LoRA adapters was given")
+def _refuse_backing_off(slot: Slot, now: float) -> None:
+    """A model whose last load failed is refused until its back-off has passed."""
+    r = slot.residency
+    if r.state is State.FAILED and not r.may_load(now):
+        raise load_failed(r.model.name, r.error or "unknown error", (r.retry_at or now) - now,
+                          r.retryable)
 
 
 def _ttl_due(view: ModelView) -> float | None:
