@@ -122,6 +122,13 @@ class _Reader:
             return {}
         return value
 
+    def settings(self, data: Mapping[str, Any], path: str, schema: type,
+                 kinds: Mapping[str, type]) -> dict[str, Any]:
+        """Each key of `kinds` (named as its field in `schema`, read as its type) with the
+        field's own default when it is absent: the defaults are written in `schema` alone."""
+        return {key: self.get(data, key, path, kind, default(schema, key))
+                for key, kind in kinds.items()}
+
     def get(self, data: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
         """The value at `key`, or `default` when it is absent or of the wrong type (recorded)."""
         self.seen.add((path, key))
@@ -194,10 +201,8 @@ def _kind(value: Any) -> str:
 def _timeouts(reader: _Reader, data: Mapping[str, Any], path: str) -> Timeouts:
     section = reader.section(data, "timeouts", path)
     path = _join(path, "timeouts")
-    values = {
-        name: reader.get(section, name, path, float, getattr(Timeouts, name))
-        for name in ("connect", "read", "pool", "dead_host")
-    }
+    values = reader.settings(section, path, Timeouts,
+                             dict.fromkeys(("connect", "read", "pool", "dead_host"), float))
     for name, value in values.items():
         reader.positive(value, _join(path, name), allow_zero=False)
     return Timeouts(**values)
@@ -224,22 +229,17 @@ def _backend(reader: _Reader, name: str, data: Any, ollama_url: str) -> BackendC
                 + suggestion(str(endpoint), OPENAI_ENDPOINTS),
             )
     env = reader.section(data, "env", path)
-
-    def get(key: str, kind: type) -> Any:
-        return reader.get(data, key, path, kind, default(BackendConfig, key))
-
     return BackendConfig(
         name=name,
         kind=kind,
         base_url=_normalise_url(base_url),
         api_key=reader.get(data, "api_key", path, str, None),
         timeouts=_timeouts(reader, data, path),
-        max_connections=get("max_connections", int),
         endpoints=frozenset(endpoints),
         cmd=cmd,
-        health_path=get("health_path", str),
-        start_timeout=get("start_timeout", float),
-        stop_grace=get("stop_grace", float),
+        **reader.settings(data, path, BackendConfig, {
+            "max_connections": int, "health_path": str, "start_timeout": float,
+            "stop_grace": float}),
         env={str(k): str(v) for k, v in env.items()},
         node=reader.get(data, "node", path, str, None),
     )
@@ -463,19 +463,12 @@ def _swapper(reader: _Reader, data: Mapping[str, Any], env: Mapping[str, str]) -
     ):
         if env.get(var):
             section[key] = _env_value(reader, var, env[var], kind, section.get(key))
-    d = SwapperConfig()
-
-    def get(key: str, kind: type) -> Any:
-        return reader.get(section, key, "swapper", kind, getattr(d, key))
-
     config = SwapperConfig(
-        mode=reader.choice(section, "mode", "swapper", _MODES, d.mode),
-        max_concurrent_models=get("max_concurrent_models", int),
-        model_swap_timeout=get("model_swap_timeout", float),
-        gpu_enabled=get("gpu_enabled", bool), metal_acceleration=get("metal_acceleration", bool),
-        default_model=get("default_model", str), memory_budget_gb=get("memory_budget_gb", float),
-        max_queue_per_model=get("max_queue_per_model", int),
-        max_queue_total=get("max_queue_total", int), load_timeout_s=get("load_timeout_s", float),
+        mode=reader.choice(section, "mode", "swapper", _MODES, default(SwapperConfig, "mode")),
+        **reader.settings(section, "swapper", SwapperConfig, {
+            "max_concurrent_models": int, "model_swap_timeout": float, "gpu_enabled": bool,
+            "metal_acceleration": bool, "default_model": str, "memory_budget_gb": float,
+            "max_queue_per_model": int, "max_queue_total": int, "load_timeout_s": float}),
     )
     reader.positive(config.max_concurrent_models, "swapper.max_concurrent_models", allow_zero=False)
     reader.positive(config.model_swap_timeout, "swapper.model_swap_timeout", allow_zero=False)
@@ -497,25 +490,10 @@ def _env_value(reader: _Reader, var: str, raw: str, kind: type, fallback: Any) -
 
 def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
     section = reader.section(data, "server", "")
-    d = ServerConfig()
-    config = ServerConfig(
-        host=reader.get(section, "host", "server", str, d.host),
-        port=reader.get(section, "port", "server", int, d.port),
-        max_body_bytes=reader.get(section, "max_body_bytes", "server", int, d.max_body_bytes),
-        rewrite_model_name=reader.get(
-            section, "rewrite_model_name", "server", bool, d.rewrite_model_name
-        ),
-        log_level=reader.get(section, "log_level", "server", str, d.log_level),
-        shutdown_grace_s=reader.get(
-            section, "shutdown_grace_s", "server", float, d.shutdown_grace_s
-        ),
-        heartbeat_s=reader.get(section, "heartbeat_s", "server", float, d.heartbeat_s),
-        stream_hold_s=reader.get(section, "stream_hold_s", "server", float, d.stream_hold_s),
-        body_timeout_s=reader.get(section, "body_timeout_s", "server", float, d.body_timeout_s),
-        max_header_bytes=reader.get(
-            section, "max_header_bytes", "server", int, d.max_header_bytes
-        ),
-    )
+    config = ServerConfig(**reader.settings(section, "server", ServerConfig, {
+        "host": str, "port": int, "max_body_bytes": int, "rewrite_model_name": bool,
+        "log_level": str, "shutdown_grace_s": float, "heartbeat_s": float,
+        "stream_hold_s": float, "body_timeout_s": float, "max_header_bytes": int}))
     reader.positive(config.max_body_bytes, "server.max_body_bytes", allow_zero=False)
     reader.positive(config.heartbeat_s, "server.heartbeat_s", allow_zero=False)
     reader.positive(config.stream_hold_s, "server.stream_hold_s")
@@ -526,26 +504,15 @@ def _server(reader: _Reader, data: Mapping[str, Any]) -> ServerConfig:
 
 def _cache(reader: _Reader, data: Mapping[str, Any]) -> CacheConfig:
     section = reader.section(data, "cache", "")
-    d = CacheConfig()
-    return CacheConfig(
-        redis_url=reader.get(section, "redis_url", "cache", str, d.redis_url),
-        ttl_s=reader.get(section, "ttl_s", "cache", float, d.ttl_s),
-        max_entry_bytes=reader.get(section, "max_entry_bytes", "cache", int, d.max_entry_bytes),
-        max_memory_bytes=reader.get(section, "max_memory_bytes", "cache", int, d.max_memory_bytes),
-        namespace=reader.get(section, "namespace", "cache", str, d.namespace),
-        enabled=reader.get(section, "enabled", "cache", bool, d.enabled),
-        redis_timeout_s=reader.get(section, "redis_timeout_s", "cache", float, d.redis_timeout_s),
-        max_ttl_s=reader.get(section, "max_ttl_s", "cache", float, d.max_ttl_s),
-    )
+    return CacheConfig(**reader.settings(section, "cache", CacheConfig, {
+        "redis_url": str, "ttl_s": float, "max_entry_bytes": int, "max_memory_bytes": int,
+        "namespace": str, "enabled": bool, "redis_timeout_s": float, "max_ttl_s": float}))
 
 
 def _batching(reader: _Reader, data: Mapping[str, Any]) -> BatchingConfig:
     section = reader.section(data, "batching", "")
-    d = BatchingConfig()
-    values = {
-        key: reader.get(section, key, "batching", float, getattr(d, key))
-        for key in ("window_ms", "max_wait_ms", "min_residency_ms", "burst_gap_ms")
-    }
+    values = reader.settings(section, "batching", BatchingConfig, dict.fromkeys(
+        ("window_ms", "max_wait_ms", "min_residency_ms", "burst_gap_ms"), float))
     for key, value in values.items():
         reader.positive(value, f"batching.{key}")
     return BatchingConfig(**values)
