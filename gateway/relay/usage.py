@@ -14,6 +14,8 @@ _EMPTY_LIST = re.compile(rb"\[\]")  # a compiled search: bytes.find(b"[]") is 3x
 _FIELD = re.compile(
     rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
 _NUMBERS_WITHIN = 512  # bytes after `"usage"` that hold its numbers
+# An opening usage is read for its input tokens, which Anthropic's message_start names first.
+_INPUT_WITHIN = 256
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,18 @@ class Usage:
 def usage_of(payload: bytes, opening: bytes = b"") -> Usage:
     """The usage in one JSON answer or the tail of a stream; zeros when there is none.
     `opening`: a stream's first stretch mentioning usage; the tail's figures win over it."""
-    fields: dict[bytes, int] = {}
-    for stretch, start in ((opening, opening.find(b'"usage"')),
-                           (payload, payload.rfind(b'"usage"'))):
-        if start >= 0:
-            fields.update((name, int(value)) for name, value in _FIELD.findall(stretch, start))
+    fields = _fields(payload, payload.rfind(b'"usage"'))
+    if b"prompt_tokens" not in fields and b"input_tokens" not in fields and opening:
+        fields = {**_fields(opening, opening.find(b'"usage"')), **fields}
     prompt = fields.get(b"prompt_tokens", fields.get(b"input_tokens", 0))
     completion = fields.get(b"completion_tokens", fields.get(b"output_tokens", 0))
     return Usage(prompt, completion, fields.get(b"total_tokens", prompt + completion))
+
+
+def _fields(stretch: bytes, start: int) -> dict[bytes, int]:
+    if start < 0:
+        return {}
+    return {name: int(value) for name, value in _FIELD.findall(stretch, start)}
 
 
 class UsageScanner:
@@ -46,13 +52,13 @@ class UsageScanner:
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        if 0 < len(self._first) < _NUMBERS_WITHIN:  # the first's numbers may come later
-            self._first = (self._first + chunk)[:_NUMBERS_WITHIN]
+        if 0 < len(self._first) < _INPUT_WITHIN:  # the first's numbers may come later
+            self._first = (self._first + chunk)[:_INPUT_WITHIN]
         window = self._tail + chunk  # a `"usage"` may be split between two chunks
         if b'"usage"' in window:
             self._last = window[window.rfind(b'"usage"'):]
             if not self._first:
-                self._first = window[window.find(b'"usage"'):][:_NUMBERS_WITHIN]
+                self._first = window[window.find(b'"usage"'):][:_INPUT_WITHIN]
         elif self._last and len(self._last) < _NUMBERS_WITHIN:
             self._last += chunk  # the usage object's numbers may come in the next chunk
         self._tail = chunk[-8:]
