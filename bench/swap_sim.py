@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from policies.backoff import retry_delay
 from policies.eviction import fits_together
 from policies.execution import execute
-from policies.placement import NodeView, RouteOption, place
+from policies.placement import NodeView, RouteOption, move, place
 from policies.rates import ArrivalRate
 from policies.scheduling import decide, decide_fifo
 from policies.tiers import host_gb
@@ -204,6 +204,8 @@ class _Lane:
 
 
 Placer = Callable[[list[_Model], Mapping[str, _Lane], BatchingConfig, float], _Model]
+# Where a queue placed on routes[at] whose load has not begun goes instead, or None to stay.
+Mover = Callable[[list[_Model], int, Mapping[str, _Lane], BatchingConfig, float], _Model | None]
 
 
 class _LaneBox:
@@ -232,18 +234,20 @@ class _Simulation:
 
     `strict_order` releases only the waiters ahead of every other model's oldest waiter on the
     node, the way Ollama's pending queue and llama-swap's swap lock serve requests (ABAB loads
-    four times). `placer` picks the route of a request (the pinned one by default).
+    four times). `placer` picks the route of a request (the pinned one by default); `mover`,
+    if any, places again a queue whose load has not begun, before each round of plans.
     """
 
     def __init__(
         self, scenario: Scenario, policy: Policy, config: BatchingConfig, strict_order: bool,
-        placer: Placer | None = None,
+        placer: Placer | None = None, mover: Mover | None = None,
     ) -> None:
         self.scenario = scenario
         self.policy = policy
         self.config = config
         self.strict_order = strict_order
         self.placer = placer or pinned
+        self.mover = mover
         self.lanes = {node.name: _Lane(node) for node in scenario.fleet()}
         self.routes: dict[str, list[_Model]] = {m.name: self._routes(m) for m in scenario.models}
         self.models = {r.name: r for routes in self.routes.values() for r in routes}
@@ -352,8 +356,23 @@ class _Simulation:
             self._start(model, model.backlog.popleft())
 
     def _decide(self) -> None:
+        if self.mover is not None:
+            self._move_queues(self.mover)
         for lane in self.lanes.values():
             self._decide_node(lane)
+
+    def _move_queues(self, mover: Mover) -> None:
+        """Queues whose load has not begun go where placement sends them now, as the
+        gateway's scheduler moves them."""
+        for routes in self.routes.values():
+            for at, route in enumerate(routes):
+                if len(routes) < 2 or not route.queue or route.state is not State.UNLOADED:
+                    continue
+                target = mover(routes, at, self.lanes, self.config, self.clock)
+                if target is not None:
+                    target.queue = deque(sorted([*target.queue, *route.queue],
+                                                key=lambda r: r.arrival))
+                    route.queue.clear()
 
     def _decide_node(self, lane: _Lane) -> None:
         plan = self.policy(lane.views(self.clock), lane.node.budget, self.config, self.clock)
@@ -435,10 +454,22 @@ def pinned(routes: list[_Model], lanes: Mapping[str, _Lane], config: BatchingCon
 def placed(routes: list[_Model], lanes: Mapping[str, _Lane], config: BatchingConfig,
            now: float) -> _Model:
     """The gateway's own placement policy."""
+    return routes[place(*_placement_views(routes, lanes, now), config, now).index]
+
+
+def re_placed(routes: list[_Model], at: int, lanes: Mapping[str, _Lane],
+              config: BatchingConfig, now: float) -> _Model | None:
+    """The gateway's placement again, for a queue whose load has not begun."""
+    moved = move(*_placement_views(routes, lanes, now), config, now, at)
+    return None if moved is None else routes[moved.index]
+
+
+def _placement_views(routes: list[_Model], lanes: Mapping[str, _Lane],
+                     now: float) -> tuple[list[RouteOption], dict[str, NodeView]]:
     options = [RouteOption(r.view(now), r.node) for r in routes]
     nodes = {name: NodeView(name, lane.node.budget, lane.views(now), lane.exclusive())
              for name, lane in lanes.items()}
-    return routes[place(options, nodes, config, now).index]
+    return options, nodes
 
 
 def random_placer(seed: int) -> Placer:
@@ -461,9 +492,10 @@ def simulate(
     *,
     strict_order: bool = False,
     placer: Placer | None = None,
+    mover: Mover | None = None,
 ) -> Outcome:
     """Replay the scenario through `policy`; raises InvalidPlan or Stuck on a policy bug."""
-    run = _Simulation(scenario, policy, config or BatchingConfig(), strict_order, placer)
+    run = _Simulation(scenario, policy, config or BatchingConfig(), strict_order, placer, mover)
     return run.run()
 
 
@@ -724,19 +756,19 @@ def fleet_scenarios(seed: int, n: int) -> list[Scenario]:
     ]
 
 
-def fleet_runs(seed: int) -> dict[str, tuple[Policy, Placer]]:
+def fleet_runs(seed: int) -> dict[str, tuple[Policy, Placer, Mover | None]]:
     """Pinned + fifo-collated (what single-box proxies run), random placement, the gateway."""
     return {
-        "pinned fifo-collated": (decide_fifo, pinned),
-        "pinned decide": (decide, pinned),
-        "random decide": (decide, random_placer(seed)),
-        "placed decide": (decide, placed),
+        "pinned fifo-collated": (decide_fifo, pinned, None),
+        "pinned decide": (decide, pinned, None),
+        "random decide": (decide, random_placer(seed), None),
+        "placed decide": (decide, placed, re_placed),
     }
 
 
 def compare_fleet(scenario: Scenario, config: BatchingConfig, seed: int) -> dict[str, Outcome]:
-    return {label: simulate(scenario, policy, config, placer=placer)
-            for label, (policy, placer) in fleet_runs(seed).items()}
+    return {label: simulate(scenario, policy, config, placer=placer, mover=mover)
+            for label, (policy, placer, mover) in fleet_runs(seed).items()}
 
 
 _FLEET_COLUMNS = ("swaps", "loading s", "mean wait", "p99 wait", "max wait", "mean s", "p99 s",

@@ -23,7 +23,13 @@ Each route is the model on one backend, on one node. In order:
    other node can make room now. Its reload is the longest wait of all: it has nowhere else
    to go.
 
-`place` decides from a snapshot and the time; it has no clock and no I/O.
+A queue already placed is placed again (`move`) while its load has not begun: it goes where
+rule 4 and 5 would send it now, but only if it would be loaded there before its own node could
+begin loading it. A node's lane that was free when the queue came may since have taken a long
+load, or another node may have made room; a move that merely costs a little less is not made,
+since the room the queue leaves was already being made for it.
+
+`place` and `move` decide from a snapshot and the time; they have no clock and no I/O.
 """
 
 from __future__ import annotations
@@ -81,9 +87,40 @@ def place(routes: Sequence[RouteOption], nodes: Mapping[str, NodeView],
         best = max(coming, key=lambda i: (routes[i].model.queued, -i))
         return Placement(best, f"already placed on {routes[best].node}")
     rooms = {i: room(routes[i], nodes[routes[i].node], config, now) for i in usable}
-    best = min(usable, key=lambda i: (rooms[i].cost == math.inf, rooms[i].takes_a_home,
-                                      rooms[i].cost, i))
+    best = _cheapest(rooms)
     return Placement(best, rooms[best].reason(routes[best].node), rooms[best].cost)
+
+
+def move(routes: Sequence[RouteOption], nodes: Mapping[str, NodeView], config: BatchingConfig,
+         now: float, at: int) -> Placement | None:
+    """Where the queue waiting on `routes[at]` for a load not begun yet should go instead, or
+    None to stay: the route rules 4 and 5 pick for it now, if it would be loaded there before
+    its own node could begin its load (see the module's last rule)."""
+    queued = routes[at].model
+    if queued.state is not State.UNLOADED or queued.queued == 0:
+        return None
+    lifted = [r if i == at else replace(r, model=replace(
+                  r.model, queued=queued.queued, oldest_wait_since=queued.oldest_wait_since))
+              for i, r in enumerate(routes)]
+    usable = [i for i, r in enumerate(lifted) if r.model.state is State.UNLOADED
+              and _usable(r, nodes, now)]
+    if at not in usable:
+        return None
+    rooms = {i: room(lifted[i], nodes[lifted[i].node], config, now) for i in usable}
+    best, here = _cheapest(rooms), rooms[at]
+    there = rooms[best]
+    if best == at or there.ready_in >= here.starts_in or (there.takes_a_home
+                                                          and not here.takes_a_home):
+        return None
+    why = f"loaded on {routes[best].node} in {there.ready_in:.0f} s, before {routes[at].node} " \
+          f"could begin in {here.starts_in:.0f} s"
+    return Placement(best, why, there.cost)
+
+
+def _cheapest(rooms: Mapping[int, Room]) -> int:
+    """Rules 4 and 5: room that can be made, then no single-home model's room, then cost."""
+    return min(rooms, key=lambda i: (rooms[i].cost == math.inf, rooms[i].takes_a_home,
+                                     rooms[i].cost, i))
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,8 @@ class Room:
     victims: tuple[str, ...] = ()
     cost: float = math.inf  # request-seconds (module rule 4); inf: no room can be made now
     takes_a_home: bool = False  # a victim is a model only that node serves, wanted soon
+    starts_in: float = math.inf  # seconds until its load can begin there
+    ready_in: float = math.inf  # seconds until it is loaded there
 
     def reason(self, node: str) -> str:
         if self.cost == math.inf:
@@ -115,10 +154,11 @@ def room(route: RouteOption, node: NodeView, config: BatchingConfig, now: float)
     held_for = max((_residency_left(models[v], config, now) for v in victims if v in keep),
                    default=0.0)
     weight = PRIORITY_WEIGHT.get(route.model.priority, 1.0)
-    own = weight * (backlog(node, route.model) + held_for + route.model.load_seconds)
-    cost = sum(_victim_cost(models[v]) for v in victims) + own
+    starts_in = backlog(node, route.model) + held_for
+    ready_in = starts_in + route.model.load_seconds
+    cost = sum(_victim_cost(models[v]) for v in victims) + weight * ready_in
     home = any(v in node.exclusive and _wanted_soon(models[v], config) for v in victims)
-    return Room(victims, cost, home)
+    return Room(victims, cost, home, starts_in, ready_in)
 
 
 def backlog(node: NodeView, newcomer: ModelView) -> float:

@@ -251,6 +251,33 @@ def test_requests_arriving_together_for_a_placed_model_share_one_load(
     assert loads == 1, "the model was placed on both nodes"
 
 
+def test_a_queue_whose_load_has_not_begun_moves_to_a_node_that_loads_it_sooner(
+        start_gateway: Any, node_a: Any, node_b: Any) -> None:
+    config = with_both(two_nodes(node_a.url, node_b.url))
+    config["batching"] = {"window_ms": 20, "min_residency_ms": 12000, "max_wait_ms": 30000}
+    gateway = start_gateway(config)
+    scheduler = services(gateway).scheduler
+    emulator(node_a).token_delay = 0.5  # big's answer streams for 4 s
+    emulator(node_b).load_delay = 1.0
+    with httpx.Client(base_url=gateway.url, timeout=30) as http, ThreadPoolExecutor(3) as pool:
+        big = pool.submit(http.post, "/v1/chat/completions", json=ask("big") | {"stream": True})
+        wait_until(lambda: scheduler.slots["big"].in_flight == 1, message="big answering on a")
+        only_b = pool.submit(http.post, "/v1/chat/completions", json=ask("only-b"))
+        wait_until(lambda: scheduler.lanes["b"].swapping, message="node b loading only-b")
+        # b's lane is busy and only-b will be new there: `both` waits on a for big's minimum
+        # residency (12 s) rather than behind that load and only-b's stay.
+        both = pool.submit(http.post, "/v1/chat/completions", json=ask("both"))
+        wait_until(lambda: scheduler.slots["both"].queue or scheduler.slots["both@ollama-b"].queue,
+                   message="both queued")
+        assert scheduler.slots["both"].queue, "placed on b at once: the test shows nothing"
+        # only-b loads, answers and goes idle: b has `both` loaded long before a could begin.
+        assert only_b.result().status_code == 200
+        answer = both.result()
+        assert answer.status_code == 200 and big.result().status_code == 200
+    assert emulator(node_b).requests["both:7b"] == 1
+    assert emulator(node_a).load_count["both:7b"] == 0, "loaded on a, where it waited"
+
+
 @pytest.fixture
 def doomed_a(start_server: Any) -> Any:
     """Node a, which the test kills."""

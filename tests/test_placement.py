@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.eviction import fits_at_all
-from policies.placement import NodeView, RouteOption, place, room
+from policies.placement import NodeView, RouteOption, move, place, room
 from policies.rates import ArrivalRate
 from policies.types import BatchingConfig, Budget, ModelView, State
 
@@ -167,6 +167,33 @@ def test_a_model_only_one_node_serves_is_wanted_soon_within_a_newcomers_stay() -
     b = nodes_with(node("b", TWELVE, idle("spare", size_gb=8, load_seconds=2)),
                    routes=routes)["b"]
     assert place(routes, {"a": a, "b": b}, CONFIG, NOW).index == 1
+
+
+def test_a_queue_whose_load_has_not_begun_moves_where_it_is_loaded_before_it_could_begin() -> None:
+    # Placed on a when a's lane was free; a has since begun a minute's load of another model,
+    # while b is idle: b has it loaded in 6 s, a could only begin in 60.
+    seventy = ModelView("seventy", State.LOADING, size_gb=4, load_seconds=60)
+    routes = [route("a", size_gb=6, load_seconds=6, queued=2, oldest_wait_since=NOW - 3),
+              route("b", size_gb=6, load_seconds=6)]
+    nodes = nodes_with(node("a", TWELVE, seventy), node("b", TWELVE), routes=routes)
+    moved = move(routes, nodes, CONFIG, NOW, 0)
+    assert moved is not None and moved.index == 1 and "before a could begin" in moved.reason
+    assert move(routes, nodes, CONFIG, NOW, 1) is None  # nothing is queued on b
+
+
+def test_a_queue_stays_where_its_load_can_begin_sooner_than_it_would_be_loaded_elsewhere() -> None:
+    # b is cheaper by the cost (a must evict a model in use), but a begins the load in 0 s
+    # and b would take 6 s to have it: the queue is not moved for that.
+    busy = idle("busy", size_gb=8, in_flight=2, load_seconds=20, rate_per_s=0.2)
+    routes = [route("a", size_gb=6, load_seconds=6, queued=2, oldest_wait_since=NOW - 3),
+              route("b", size_gb=6, load_seconds=6)]
+    nodes = nodes_with(node("a", TWELVE, busy), node("b", TWELVE), routes=routes)
+    assert place(routes, nodes, CONFIG, NOW).index == 0  # already placed: it stays there
+    assert room(routes[1], nodes["b"], CONFIG, NOW).cost < room(routes[0], nodes["a"], CONFIG,
+                                                                  NOW).cost
+    assert move(routes, nodes, CONFIG, NOW, 0) is None
+    loading = replace(routes[0], model=replace(routes[0].model, state=State.LOADING))
+    assert move([loading, routes[1]], nodes, CONFIG, NOW, 0) is None  # its load has begun
 
 
 def test_an_arrival_rate_follows_the_gaps_and_decays_in_silence() -> None:

@@ -25,7 +25,7 @@ from gateway.residency.drivers.base import Driver
 from gateway.residency.scheduler import Scheduler
 from gateway.residency.snapshot import SchedulerStatus
 from policies.fallback import RouteView, choose_route
-from policies.placement import NodeView, Placement, RouteOption, place
+from policies.placement import NodeView, Placement, RouteOption, move, place
 
 log = structlog.get_logger("gateway.residency.fallback")
 
@@ -40,6 +40,7 @@ class Fallback:
         self.drivers = drivers
         self.health = health
         scheduler.reroute = self.reroute  # a failed load of a placed model tries elsewhere
+        scheduler.move = self.move  # a placed queue whose load has not begun may go elsewhere
 
     def choose(self, model: ModelConfig, status: SchedulerStatus | None = None) -> ModelConfig:
         """The route that serves `model` now (`status`: a snapshot the caller already has)."""
@@ -61,16 +62,44 @@ class Fallback:
         chosen = self.choose(public)
         return None if chosen.name == route.name else chosen
 
+    def move(self, route: ModelConfig) -> ModelConfig | None:
+        """Where the requests queued on `route` of a placed model, whose load has not begun,
+        go now; None to stay (`policies.placement.move`)."""
+        public = self._catalog().get(route.public_name)
+        if public is None or not public.placed:
+            return None
+        routes = self._catalog().routes(public)
+        at = next((i for i, r in enumerate(routes) if r.name == route.name), None)
+        views = self._views(routes, self.scheduler.status(
+            only=[r.name for r in routes], nodes_too=True))
+        if at is None or views is None:
+            return None
+        moved = move(*views, self.scheduler.config.batching, self.scheduler.clock(), at)
+        if moved is None:
+            return None
+        log.info("placement.moved", model=route.name, to=routes[moved.index].name,
+                 reason=moved.reason)
+        return routes[moved.index]
+
     def _place(self, routes: list[ModelConfig], status: SchedulerStatus) -> Placement:
+        views = self._views(routes, status)
+        if views is None:
+            return Placement(0, "not in the scheduler yet")  # between a reload's two halves
+        return place(*views, self.scheduler.config.batching, self.scheduler.clock())
+
+    def _views(self, routes: list[ModelConfig], status: SchedulerStatus
+               ) -> tuple[list[RouteOption], dict[str, NodeView]] | None:
+        """The routes and their nodes as placement sees them; None while a route is not in
+        the scheduler."""
         shown = [status.models[route.name] for route in routes if route.name in status.models]
         if len(shown) != len(routes):
-            return Placement(0, "not in the scheduler yet")  # between a reload's two halves
+            return None
         options = [RouteOption(m.view, m.node, self.health.up(m.backend)) for m in shown]
         catalog = self._catalog()
         nodes = {name: NodeView(name, node.budget, node.views, frozenset(
                      n for n in node.views if _single_route(catalog.get(n))))
                  for name, node in status.nodes.items() if name in {m.node for m in shown}}
-        return place(options, nodes, self.scheduler.config.batching, self.scheduler.clock())
+        return options, nodes
 
     def _view(self, route: ModelConfig, status: SchedulerStatus) -> RouteView:
         shown = status.models.get(route.name)
