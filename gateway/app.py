@@ -132,7 +132,8 @@ def create_app(config: GatewayConfig, services: Services | None = None,
             log.info("gateway.stopped")
 
     app = Starlette(
-        routes=[*AnthropicApi(services).routes(), *OpenAIApi(services).routes(),
+        # Starlette tries the routes in order: the busiest first (no two fronts share a path)
+        routes=[*OpenAIApi(services).routes(), *AnthropicApi(services).routes(),
                 *OllamaApi(services).routes(), *SwapperApi(services).routes(),
                 *AdminApi(services).routes(), *ui_routes(services, console)],
         middleware=[

@@ -39,34 +39,49 @@ class RequestMetrics:
                                     ["model", "code"], registry=registry)
         self.loads = Histogram("swapper_model_load_seconds", "Model loads (swap-ins)",
                                ["model"], buckets=_SECONDS, registry=registry)
-        self._children: dict[tuple[Any, ...], Any] = {}  # labels() costs more than the sample
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._models: dict[str, _ModelFigures] = {}  # labels() costs more than the sample
 
     def observe(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        if state.get("error"):
-            self.errors.labels(state["error"]).inc()
+        error = state.get("error")
+        if error:
+            self.errors.labels(error).inc()
         model = state.get("model")
         if model is None:
             return
-        if state.get("error"):
-            self._child(self.model_errors, model, state["error"]).inc()
-        self._child(self.requests, model, str(record["status"])).inc()
-        self._child(self.duration, model).observe(record["duration_ms"] / 1000)
+        figures = self._models.get(model)
+        if figures is None:
+            figures = self._models[model] = _ModelFigures(self, model)
+        if error:
+            self.model_errors.labels(model, error).inc()
+        figures.answered(record["status"]).inc()
+        figures.duration.observe(record["duration_ms"] / 1000)
         if record["ttfb_ms"] is not None:
-            self._child(self.ttfb, model).observe(record["ttfb_ms"] / 1000)
+            figures.ttfb.observe(record["ttfb_ms"] / 1000)
         usage = state.get("usage")
         if usage is not None:
-            self._child(self.tokens, model, "prompt").inc(usage.prompt)
-            self._child(self.tokens, model, "completion").inc(usage.completion)
+            figures.prompt.inc(usage.prompt)
+            figures.completion.inc(usage.completion)
 
     def loaded(self, model: str, seconds: float) -> None:
         self.loads.labels(model).observe(seconds)
+
+
+class _ModelFigures:
+    """One model's labelled series, looked up once rather than on every answer."""
+
+    def __init__(self, metrics: RequestMetrics, model: str) -> None:
+        self._requests, self._model = metrics.requests, model
+        self._statuses: dict[int, Any] = {}
+        self.duration = metrics.duration.labels(model)
+        self.ttfb = metrics.ttfb.labels(model)
+        self.prompt = metrics.tokens.labels(model, "prompt")
+        self.completion = metrics.tokens.labels(model, "completion")
+
+    def answered(self, status: int) -> Any:
+        child = self._statuses.get(status)
+        if child is None:
+            child = self._statuses[status] = self._requests.labels(self._model, str(status))
+        return child
 
 
 class Metrics:

@@ -68,6 +68,9 @@ def cache_decision(
     answer and also opts a non-deterministic request in; a lifetime of 0 means "do not cache".
     Every lifetime is cut to `max_ttl_s`.
     """
+    if endpoint not in ENDPOINTS or not model_enabled:  # the headers are not even read
+        return CacheDecision(read=False, write=False, ttl_s=min(default_ttl_s, max_ttl_s),
+                             reason="endpoint" if endpoint not in ENDPOINTS else "model_disabled")
     lowered = {name.lower(): value for name, value in headers.items()}
     directives = _cache_control(lowered.get("cache-control", ""))
     client_ttl = _client_ttl(lowered.get("x-cache-ttl"), directives.get("max-age"))
@@ -76,10 +79,6 @@ def cache_decision(
     def no(reason: str) -> CacheDecision:
         return CacheDecision(read=False, write=False, ttl_s=ttl_s, reason=reason)
 
-    if endpoint not in ENDPOINTS:
-        return no("endpoint")
-    if not model_enabled:
-        return no("model_disabled")
     if "no-store" in directives:
         return no("no-store")
     if ttl_s <= 0:
