@@ -1,0 +1,175 @@
+"""The gateway's own Python per call: the app driven in-process, its backend stubbed.
+
+    .venv/bin/python bench/own_cost.py [--baseline DIR] [--rounds 3] [--calls 300]
+
+What `bench/relay_cpu.py` cannot separate: its figures hold the sockets, uvicorn and the upstream
+too. Here the ASGI app is called directly (no uvicorn, no socket) and the relay client's `post`
+answers from memory with a 16-token answer, so what is timed is the gateway's own work on a call:
+middlewares, access log, metrics, parsing, cache decision, lease, relay. Each figure is the
+fastest of `--rounds` child processes, each the fastest of 12 batches of `--calls` sequential
+calls (wall time per call, on one pinned core where the machine allows), so another job on the
+machine raises it less than it would a mean. `--baseline DIR` measures another checkout (say,
+`git worktree add DIR <commit>`) in the same run. Not a test: compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+_TOKENS = " ".join(f"tok{i}" for i in range(16))
+JSON_ANSWER = (b'{"id":"c1","object":"chat.completion","created":1700000000,"model":"bench",'
+               b'"choices":[{"index":0,"message":{"role":"assistant","content":"'
+               + _TOKENS.encode() + b'"},"finish_reason":"stop"}],'
+               b'"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28}}')
+SSE_ANSWER = b"".join(
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1700000000,"model":"bench",'
+    b'"choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}\n\n' % i
+    for i in range(16)) + (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1700000000,"model":"bench",'
+    b'"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28}}\n\n'
+    b"data: [DONE]\n\n")
+CONFIG = """\
+server: {log_level: info}
+backends:
+  fast: {kind: openai, base_url: 'http://127.0.0.1:9'}
+models:
+  bench: {backend: fast}
+  renamed: {backend: fast, served_name: 'served/model'}
+cache: {enabled: false}
+"""
+CASES = (("JSON", "bench", False), ("SSE, 18 frames", "bench", True),
+         ("SSE, model renamed", "renamed", True))
+
+
+def _stub_backend() -> None:
+    """The relay client answers from memory: no socket, no upstream."""
+    from gateway.relay import client
+
+    class Connection:
+        paused = False
+
+        def done(self, reusable: bool) -> None:
+            pass
+
+    async def post(self: Any, url: str, body: bytes, headers: Any) -> Any:
+        origin, target = self._split(url)
+        client._request_head("POST", target, origin.host_header, headers, len(body))
+        stream = b'"stream":true' in body
+        answer = client.UpstreamResponse(Connection())  # type: ignore[arg-type]
+        answer.status, answer.complete = 200, True
+        answer.headers = {"content-type": "text/event-stream" if stream else "application/json"}
+        answer._chunks = [SSE_ANSWER if stream else JSON_ANSWER]
+        return answer
+
+    client.Client.post = post  # type: ignore[method-assign]
+
+
+async def _call(app: Any, body: bytes) -> None:
+    headers = [(b"host", b"127.0.0.1:8890"), (b"user-agent", b"bench"),
+               (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": headers, "server": ("127.0.0.1", 8890), "client": ("127.0.0.1", 5555)}
+    answered = asyncio.Event()
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    status = 0
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    answered.set()
+    if status != 200:
+        raise SystemExit(f"the gateway answered {status}")
+
+
+async def _measure(model: str, stream: bool, calls: int) -> float:
+    from gateway.app import create_app
+    from gateway.config.reader import load_config
+    from gateway.logs import configure_logging
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
+        config.write(CONFIG)
+    configure_logging("info", "json")
+    app = create_app(load_config(config.name))
+    options = ',"stream_options":{"include_usage":true}' if stream else ""
+    body = (f'{{"model":"{model}","messages":[{{"role":"user","content":"Count to sixteen."}}],'
+            f'"stream":{"true" if stream else "false"}{options}}}').encode()
+    async with app.router.lifespan_context(app):
+        for _ in range(300):  # warm: the pools, the caches, the first-use paths
+            await _call(app, body)
+        best = float("inf")
+        for _ in range(12):
+            started = time.perf_counter()
+            for _ in range(calls):
+                await _call(app, body)
+            best = min(best, (time.perf_counter() - started) / calls)
+    os.unlink(config.name)
+    return best * 1e6
+
+
+def _child(model: str, stream: bool, calls: int) -> None:
+    import uvloop
+
+    sys.stderr = open(os.devnull, "w")  # the access lines go nowhere, as long as this lives
+    _stub_backend()
+    print(f"{uvloop.run(_measure(model, stream, calls)):.1f}")
+
+
+def _run(source: Path, model: str, stream: bool, calls: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0"}
+    pin = ["taskset", "-c", str(os.cpu_count() - 1)] if _has("taskset") else []
+    args = [*pin, sys.executable, str(Path(__file__).resolve()), "--child", model,
+            "1" if stream else "0", str(calls)]
+    done = subprocess.run(args, env=env, cwd=source, capture_output=True, text=True,
+                          check=True, timeout=600)
+    return float(done.stdout.strip())
+
+
+def _has(tool: str) -> bool:
+    return any((Path(d) / tool).exists() for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured alike")
+    parser.add_argument("--rounds", type=int, default=3, help="child processes per figure")
+    parser.add_argument("--calls", type=int, default=300, help="calls per batch")
+    args = parser.parse_args()
+    sources = [("this checkout", ROOT)]
+    if args.baseline:
+        sources.append((f"baseline {args.baseline}", args.baseline.resolve()))
+    print("| gateway | " + " | ".join(f"{name}, µs per call" for name, _, _ in CASES) + " |")
+    print("|---|" + "---|" * len(CASES))
+    for name, source in sources:
+        figures = [min(_run(source, model, stream, args.calls) for _ in range(args.rounds))
+                   for _, model, stream in CASES]
+        print(f"| {name} | " + " | ".join(f"{f:.0f}" for f in figures) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

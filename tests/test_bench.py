@@ -1,0 +1,19 @@
+"""The benchmarks the README shows still run (their figures are read by people, never gated)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_own_cost_prints_a_figure_per_case() -> None:
+    done = subprocess.run([sys.executable, "bench/own_cost.py", "--rounds", "1", "--calls", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| this checkout"))
+    figures = [float(f) for f in re.findall(r"\| (\d+) ", row + " ")]
+    assert len(figures) == 3 and all(f > 0 for f in figures), done.stdout
