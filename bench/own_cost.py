@@ -9,7 +9,8 @@ middlewares, access log, metrics, parsing, cache decision, lease, relay. Each fi
 fastest of `--rounds` child processes, each the fastest of 12 batches of `--calls` sequential
 calls (wall time per call, on one pinned core where the machine allows), so another job on the
 machine raises it less than it would a mean. `--baseline DIR` measures another checkout (say,
-`git worktree add DIR <commit>`) in the same run. Not a test: compare rows of one run.
+`git worktree add DIR <commit>`) in the same run; `--without` adds a row per piece taken out
+(what that piece costs a call). Not a test: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ cache: {enabled: false}
 """
 CASES = (("JSON", "bench", False), ("SSE, 18 frames", "bench", True),
          ("SSE, model renamed", "renamed", True))
+# Pieces `--without` can take out, and what doing so leaves
+PIECES = {
+    "log": "the request.done line (log level warning)",
+    "metrics": "the access log's observers (Prometheus, the console's recent requests)",
+    "middlewares": "FrontErrors, HeaderLimit and Auth",
+    "watch": "the client-disconnect watcher of a JSON call",
+}
 
 
 def _stub_backend() -> None:
@@ -104,15 +112,33 @@ async def _call(app: Any, body: bytes) -> None:
         raise SystemExit(f"the gateway answered {status}")
 
 
-async def _measure(model: str, stream: bool, calls: int) -> float:
+def _without(app: Any, piece: str) -> None:
+    if piece == "metrics":
+        for middleware in app.user_middleware:
+            if middleware.cls.__name__ == "AccessLog":
+                middleware.kwargs["observer"] = None
+    elif piece == "middlewares":
+        app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ not in
+                               ("FrontErrors", "HeaderLimit", "AuthMiddleware")]
+    elif piece == "watch":
+        from gateway.calls import pipeline
+
+        async def unwatched(receive: Any, work: Any) -> Any:
+            return await work
+
+        pipeline.until_disconnect = unwatched  # type: ignore[assignment]
+
+
+async def _measure(model: str, stream: bool, calls: int, piece: str) -> float:
     from gateway.app import create_app
     from gateway.config.reader import load_config
     from gateway.logs import configure_logging
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(CONFIG)
-    configure_logging("info", "json")
+    configure_logging("warning" if piece == "log" else "info", "json")
     app = create_app(load_config(config.name))
+    _without(app, piece)
     options = ',"stream_options":{"include_usage":true}' if stream else ""
     body = (f'{{"model":"{model}","messages":[{{"role":"user","content":"Count to sixteen."}}],'
             f'"stream":{"true" if stream else "false"}{options}}}').encode()
@@ -129,19 +155,19 @@ async def _measure(model: str, stream: bool, calls: int) -> float:
     return best * 1e6
 
 
-def _child(model: str, stream: bool, calls: int) -> None:
+def _child(model: str, stream: bool, calls: int, piece: str) -> None:
     import uvloop
 
     sys.stderr = open(os.devnull, "w")  # the access lines go nowhere, as long as this lives
     _stub_backend()
-    print(f"{uvloop.run(_measure(model, stream, calls)):.1f}")
+    print(f"{uvloop.run(_measure(model, stream, calls, piece)):.1f}")
 
 
-def _run(source: Path, model: str, stream: bool, calls: int) -> float:
+def _run(source: Path, model: str, stream: bool, calls: int, piece: str = "") -> float:
     env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0"}
-    pin = ["taskset", "-c", str(os.cpu_count() - 1)] if _has("taskset") else []
+    pin = ["taskset", "-c", str((os.cpu_count() or 1) - 1)] if _has("taskset") else []
     args = [*pin, sys.executable, str(Path(__file__).resolve()), "--child", model,
-            "1" if stream else "0", str(calls)]
+            "1" if stream else "0", str(calls), piece]
     done = subprocess.run(args, env=env, cwd=source, capture_output=True, text=True,
                           check=True, timeout=600)
     return float(done.stdout.strip())
@@ -152,22 +178,25 @@ def _has(tool: str) -> bool:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another checkout, measured alike")
     parser.add_argument("--rounds", type=int, default=3, help="child processes per figure")
     parser.add_argument("--calls", type=int, default=300, help="calls per batch")
+    parser.add_argument("--without", nargs="+", choices=sorted(PIECES), default=[],
+                        help="also measure this checkout with each piece taken out")
     args = parser.parse_args()
-    sources = [("this checkout", ROOT)]
+    rows = [("this checkout", ROOT, "")]
     if args.baseline:
-        sources.append((f"baseline {args.baseline}", args.baseline.resolve()))
+        rows.append((f"baseline {args.baseline}", args.baseline.resolve(), ""))
+    rows += [(f"without {PIECES[piece]}", ROOT, piece) for piece in args.without]
     print("| gateway | " + " | ".join(f"{name}, µs per call" for name, _, _ in CASES) + " |")
     print("|---|" + "---|" * len(CASES))
-    for name, source in sources:
-        figures = [min(_run(source, model, stream, args.calls) for _ in range(args.rounds))
-                   for _, model, stream in CASES]
+    for name, source, piece in rows:
+        figures = [min(_run(source, model, stream, args.calls, piece)
+                       for _ in range(args.rounds)) for _, model, stream in CASES]
         print(f"| {name} | " + " | ".join(f"{f:.0f}" for f in figures) + " |", flush=True)
 
 

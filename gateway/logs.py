@@ -8,6 +8,7 @@ one, returned in the answer either way). Prompts and keys are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -83,12 +84,15 @@ log = structlog.get_logger("gateway")
 class _JsonLines:
     """`request.done` as structlog's JSON renderer writes it (same keys, order, timestamp), in
     a third of its time: it is the one line logged per request. Used only while structlog
-    still runs the processors it was given with it (a test's `capture_logs` replaces them)."""
+    still runs the processors it was given with it (a test's `capture_logs` replaces them).
+    The lines of answers that end in the same turn of the event loop go out in one write at
+    its end, rather than a write each (a busy gateway ends several per turn)."""
 
     def __init__(self, stream: IO[bytes], processors: list[Any], enabled: bool) -> None:
         self.stream = stream
         self.processors = processors
         self.enabled = enabled
+        self._pending: list[bytes] = []
 
     def applies(self) -> bool:
         return structlog.get_config()["processors"] is self.processors
@@ -99,7 +103,21 @@ class _JsonLines:
         fields["event"] = "request.done"
         fields["level"] = "info"
         fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        self.stream.write(orjson.dumps(fields) + b"\n")
+        line = orjson.dumps(fields) + b"\n"
+        if self._pending:
+            self._pending.append(line)
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._flush)
+        except RuntimeError:  # no event loop: at once
+            self.stream.write(line)
+            self.stream.flush()
+            return
+        self._pending.append(line)
+
+    def _flush(self) -> None:
+        lines, self._pending = self._pending, []
+        self.stream.write(b"".join(lines))
         self.stream.flush()
 
 

@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import own_cost
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_own_cost_prints_a_figure_per_case() -> None:
-    done = subprocess.run([sys.executable, "bench/own_cost.py", "--rounds", "1", "--calls", "20"],
+def test_own_cost_prints_a_figure_per_case_and_piece() -> None:
+    done = subprocess.run([sys.executable, "bench/own_cost.py", "--rounds", "1", "--calls", "20",
+                           "--without", "log", "watch"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| this checkout"))
-    figures = [float(f) for f in re.findall(r"\| (\d+) ", row + " ")]
-    assert len(figures) == 3 and all(f > 0 for f in figures), done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| this", "| without"))]
+    assert [row.split(" | ")[0] for row in rows] == ["| this checkout", *(
+        f"| without {own_cost.PIECES[piece]}" for piece in ("log", "watch"))]
+    for row in rows:
+        figures = [float(f) for f in re.findall(r"\| (\d+) ", row + " ")]
+        assert len(figures) == 3 and all(f > 0 for f in figures), done.stdout

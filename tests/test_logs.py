@@ -50,6 +50,39 @@ def test_the_access_line_honours_the_level_and_quiet_events() -> None:
     assert _logged(quiet=("request.done",)) == []
 
 
+_CHILD_BUSY = """
+import asyncio, sys
+from gateway import logs
+logs.configure_logging("info", "json")
+lines = logs._access_lines
+writes = []
+real = lines.stream
+class Counted:
+    def write(self, data):
+        writes.append(data)
+        return real.write(data)
+    def flush(self):
+        real.flush()
+lines.stream = Counted()
+async def main():
+    for n in range(3):  # three answers ending in one turn of the loop
+        logs.log_request_done({"request_id": str(n)})
+    await asyncio.sleep(0)
+    logs.log_request_done({"request_id": "3"})  # and one in the next
+    await asyncio.sleep(0)
+    print(len(writes))
+asyncio.run(main())
+"""
+
+
+def test_answers_ending_in_one_turn_of_the_loop_are_logged_in_one_write() -> None:
+    child = subprocess.run([sys.executable, "-c", _CHILD_BUSY], capture_output=True,
+                           timeout=60, check=True)
+    logged = [orjson.loads(line)["request_id"] for line in child.stderr.splitlines()]
+    assert logged == ["0", "1", "2", "3"]  # every line, in order
+    assert child.stdout.split() == [b"2"]  # the three of one turn in one write, then one
+
+
 def test_the_access_line_goes_to_a_capture_of_structlog() -> None:
     with capture_logs() as captured:  # how in-process tests read it
         logs.log_request_done(dict(FIELDS))

@@ -7,10 +7,17 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.relay.stream import ModelRenamer, RelayResponse
+from gateway.relay.stream import (
+    WATCH_AFTER_S,
+    ClientGone,
+    ModelRenamer,
+    RelayResponse,
+    until_disconnect,
+)
 
 
 async def test_cleanup_runs_when_the_client_leaves_before_the_body_starts() -> None:
@@ -53,6 +60,39 @@ async def test_cleanup_runs_once_after_a_complete_stream() -> None:
     await RelayResponse(body(), on_close=lambda: closed.append(True))({"type": "http"},
                                                                        receive, send)
     assert b"".join(sent) == b"data: 1\n\ndata: [DONE]\n\n" and closed == [True]
+
+
+async def test_quick_work_never_listens_for_the_client() -> None:
+    heard: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        heard.append(True)  # pragma: no cover - the point is that it never runs
+        return {"type": "http.disconnect"}
+
+    async def quick() -> str:
+        await asyncio.sleep(0)  # a call answered at once: no watcher is started for it
+        return "answer"
+
+    assert await until_disconnect(receive, quick()) == "answer"
+    await asyncio.sleep(2 * WATCH_AFTER_S)  # past when a watcher would start: none was left
+    assert heard == []
+
+
+async def test_long_work_is_cut_when_the_client_leaves() -> None:
+    cut = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}  # the client is gone
+
+    async def long() -> None:
+        try:
+            await asyncio.Event().wait()  # a generation that would never end by itself
+        finally:
+            cut.set()
+
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(until_disconnect(receive, long()), timeout=5)
+    assert cut.is_set()
 
 
 CHUNK = (b'data: {"id":"c1","model":"org/m1","choices":[{"delta":{"content":"model"}}]}\n\n'

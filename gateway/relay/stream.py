@@ -41,10 +41,16 @@ async def wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
+# A call's work that ends sooner than this never starts a watcher (a task costs more than a
+# quick call's whole relay); a client that leaves is noticed at most this much later.
+WATCH_AFTER_S = 0.05
+
+
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     """Run `work` in this task, but cancel it (and raise ClientGone) if the client disconnects
-    first. One watcher task, no second task for the work: this runs on every call."""
-    watch = _Watch(receive)
+    first. One watcher task, started only if the work lasts `WATCH_AFTER_S`, and no second task
+    for the work: this runs on every call."""
+    watch = _Watch(receive, WATCH_AFTER_S)
     try:
         result = await work
     except asyncio.CancelledError:
@@ -56,11 +62,21 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 
 
 class _Watch:
-    """Cancels the task that made it when the client disconnects, until stopped."""
+    """Cancels the task that made it when the client disconnects, until stopped; watching from
+    `after_s` on."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, after_s: float = 0.0) -> None:
         self._task = asyncio.current_task()
         self._fired = self._stopped = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._later: asyncio.TimerHandle | None = None
+        if after_s > 0:
+            self._later = asyncio.get_running_loop().call_later(after_s, self._start, receive)
+        else:
+            self._start(receive)
+
+    def _start(self, receive: Receive) -> None:
+        self._later = None
         self._watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
@@ -78,7 +94,10 @@ class _Watch:
         taken back, so only a cancel from elsewhere, a shutdown, stays pending)."""
         if not self._stopped:
             self._stopped = True
-            self._watcher.cancel()
+            if self._later is not None:
+                self._later.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             if self._fired and self._task is not None:
                 self._task.uncancel()
         return self._fired
