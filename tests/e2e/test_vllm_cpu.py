@@ -74,7 +74,9 @@ def tiny_hf_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def client_for(gateway: ServerThread) -> OpenAI:
-    return OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    # The first call waits for vLLM to start, which the gateway allows START_TIMEOUT_S for
+    return OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0,
+                  timeout=START_TIMEOUT_S)
 
 
 # Greedy, so that the streamed reply and the whole one are the same text; a random model may well
