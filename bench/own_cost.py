@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,16 +166,12 @@ def _child(model: str, stream: bool, calls: int, piece: str) -> None:
 
 def _run(source: Path, model: str, stream: bool, calls: int, piece: str = "") -> float:
     env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0"}
-    pin = ["taskset", "-c", str((os.cpu_count() or 1) - 1)] if _has("taskset") else []
+    pin = ["taskset", "-c", str((os.cpu_count() or 1) - 1)] if shutil.which("taskset") else []
     args = [*pin, sys.executable, str(Path(__file__).resolve()), "--child", model,
             "1" if stream else "0", str(calls), piece]
     done = subprocess.run(args, env=env, cwd=source, capture_output=True, text=True,
                           check=True, timeout=600)
     return float(done.stdout.strip())
-
-
-def _has(tool: str) -> bool:
-    return any((Path(d) / tool).exists() for d in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def main() -> None:

@@ -64,8 +64,9 @@ def configure_logging(level: str = "info", log_format: str = "auto",
     )
     global _access_lines
     _access_lines = None
-    if binary is not None and not console and "request.done" not in quiet_events:
-        _access_lines = _JsonLines(binary, processors, numeric <= logging.INFO)
+    if binary is not None and not console and numeric <= logging.INFO \
+            and "request.done" not in quiet_events:  # otherwise structlog drops the line
+        _access_lines = _JsonLines(binary, processors)
 
 
 def _drop(events: frozenset[str]) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
@@ -87,10 +88,9 @@ class _JsonLines:
     The lines of answers that end in the same turn of the event loop go out in one write at
     its end, rather than a write each (a busy gateway ends several per turn)."""
 
-    def __init__(self, stream: IO[bytes], processors: list[Any], enabled: bool) -> None:
+    def __init__(self, stream: IO[bytes], processors: list[Any]) -> None:
         self.stream = stream
         self.processors = processors
-        self.enabled = enabled
         self._pending: list[bytes] = []
         self._second, self._stamp = -1, ""  # the timestamp's whole seconds, formatted once
 
@@ -108,8 +108,6 @@ class _JsonLines:
         return structlog.get_config()["processors"] is self.processors
 
     def write(self, fields: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         fields["event"] = "request.done"
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
