@@ -166,6 +166,31 @@ async def test_a_held_lock_outlives_a_redis_restart(
         assert after
 
 
+async def test_a_lock_wait_ends_even_when_the_client_swallows_its_timeout(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    """Python 3.11's `wait_for` (in redis-py's send) returns a finished send's result instead of
+    the cancellation that ends a wait: the wait must end at its deadline all the same."""
+    one, two = pair
+    evaluate = two._redis.eval
+
+    async def slow(*args: Any) -> Any:
+        await asyncio.sleep(0.5)  # longer than the wait: its deadline passes inside a call
+        return await evaluate(*args)
+
+    async def swallowing(*args: Any) -> Any:
+        call = asyncio.ensure_future(slow(*args))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            return await call  # as wait_for does once the send is done
+    async with one.lock(["ollama"], wait_s=1) as held:
+        assert held
+        two._redis.eval = swallowing  # type: ignore[method-assign]
+        async with asyncio.timeout(10):  # the test's guard, not the behaviour under test
+            async with two.lock(["ollama"], wait_s=0.3) as also:
+                assert not also
+
+
 async def test_a_lock_lost_midway_is_visible_and_stops_the_drain(
         replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
         own_redis: RedisServer) -> None:

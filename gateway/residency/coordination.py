@@ -83,6 +83,15 @@ _HEARTBEAT = (
 _UNREACHABLE = (RedisError, OSError)
 
 
+def _check(scope: asyncio.Timeout) -> None:
+    """TimeoutError once `scope` is past its deadline. A poll loop cannot count on the scope's
+    cancellation alone: Python 3.11's `wait_for`, which redis-py's every send goes through,
+    swallows a cancellation that arrives as the send completes, and the loop would poll on."""
+    when = scope.when()
+    if when is not None and asyncio.get_running_loop().time() >= when:
+        raise TimeoutError
+
+
 @dataclass(frozen=True)
 class Notice:
     """From another replica: it is about to unload `draining`, or (None) its swap ended."""
@@ -239,9 +248,9 @@ class RedisCoordinator:
         """The lock (held or not) and the keys set in Redis; releases what it got if it fails."""
         taken: list[str] = []
         try:
-            async with asyncio.timeout(wait_s):
+            async with asyncio.timeout(wait_s) as scope:
                 for key in keys:
-                    if not await self._acquire(key):
+                    if not await self._acquire(key, scope):
                         # Kept (re-asserted) as soon as Redis answers again, like any lock.
                         return SwapLock(held=True, alone=True), keys
                     taken.append(key)
@@ -253,12 +262,13 @@ class RedisCoordinator:
             return SwapLock(), []
         return SwapLock(held=True), taken
 
-    async def _acquire(self, key: str) -> bool:
+    async def _acquire(self, key: str, scope: asyncio.Timeout) -> bool:
         """Wait for `key` (True once set); False at once if Redis is away and this replica is
         known to be alone. Any other replica waits for Redis: no lock, no swap."""
         lease_ms = int(LOCK_LEASE_S * 1000)
         backoff = POLL_S
         while True:
+            _check(scope)
             try:
                 got = await self._redis.eval(_ACQUIRE, 1, key, self.replica, lease_ms,
                                              SETTLE_S)
@@ -372,9 +382,10 @@ class RedisCoordinator:
         try:
             await self._publish(backend, model)
             await asyncio.sleep(GRANT_SETTLE_S)
-            async with asyncio.timeout(wait_s):
+            async with asyncio.timeout(wait_s) as scope:
                 while busy := await self._busy_elsewhere(model):
                     log.debug("coordination.waiting", model=model, in_flight_elsewhere=busy)
+                    _check(scope)
                     await asyncio.sleep(POLL_S)
                     if not handle.held:
                         return False
