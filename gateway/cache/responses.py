@@ -49,6 +49,8 @@ class ResponseCache:
             timeout_s=config.redis_timeout_s,
         )
         self._writes: set[asyncio.Task[None]] = set()
+        # records on their way to the store: a repeat right after an answer reads them here
+        self._pending: dict[str, Record] = {}
         # (model, HIT / MISS / BYPASS), as told to clients
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
@@ -71,8 +73,10 @@ class ResponseCache:
     async def lookup(self, ticket: CacheTicket) -> Record | None:
         record = None
         if ticket.decision.read:
-            value = await self.store.get(ticket.key)
-            record = loads_record(value) if value is not None else None
+            record = self._pending.get(ticket.key)
+            if record is None:
+                value = await self.store.get(ticket.key)
+                record = loads_record(value) if value is not None else None
         if not ticket.decision.bypass:
             self.outcomes[ticket.model, "HIT" if record is not None else "MISS"] += 1
         return record
@@ -120,13 +124,22 @@ class ResponseCache:
         on_record(record)
 
     def _write(self, ticket: CacheTicket, record: Record) -> None:
-        task = asyncio.create_task(
-            self.store.set(ticket.key, dumps_record(record), ticket.decision.ttl_s))
+        key = ticket.key
+        self._pending[key] = record
+        task = asyncio.create_task(self.store.set(key, dumps_record(record), ticket.decision.ttl_s))
         self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+
+        def landed(done: asyncio.Task[None]) -> None:
+            self._writes.discard(done)
+            if self._pending.get(key) is record:
+                del self._pending[key]
+        task.add_done_callback(landed)
 
     async def purge(self, model: str | None = None) -> int:
-        return await self.store.purge(key_prefix(self.config.namespace, model))
+        prefix = key_prefix(self.config.namespace, model)
+        for key in [key for key in self._pending if key.startswith(prefix)]:
+            del self._pending[key]
+        return await self.store.purge(prefix)
 
     async def close(self) -> None:
         if self._writes:
