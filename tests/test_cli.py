@@ -345,6 +345,12 @@ def test_status_command_prints_nodes_and_models(gateways: list[Gateway], start_s
     assert refused.stderr.startswith("swapper-gateway: status refused (401): ")
     unreachable = status("--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+    read, write = os.pipe()
+    os.close(read)  # as `status | head` is once head has its lines
+    with os.fdopen(write, "w") as closed:
+        headed = subprocess.run([CLI, "status", "--url", gateway.url, "--key", ADMIN],
+                                stdout=closed, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert headed.returncode == 1 and headed.stderr == ""  # no traceback
 
 
 def test_serve_with_two_workers(gateways: list[Gateway], backend: Any, tmp_path: Path,
