@@ -1,6 +1,6 @@
 """The gateway's own Python per call: the app driven in-process, its backend stubbed.
 
-    .venv/bin/python bench/own_cost.py [--baseline DIR] [--rounds 3] [--calls 300]
+    .venv/bin/python bench/own_cost.py [--baseline DIR] [--rounds 3] [--calls 300] [--instructions]
 
 What `bench/relay_cpu.py` cannot separate: its figures hold the sockets, uvicorn and the upstream
 too. Here the ASGI app is called directly (no uvicorn, no socket) and the relay client's `post`
@@ -11,12 +11,19 @@ calls (wall time per call, on one pinned core where the machine allows), so anot
 machine raises it less than it would a mean. `--baseline DIR` measures another checkout (say,
 `git worktree add DIR <commit>`) in the same run; `--without` adds a row per piece taken out
 (what that piece costs a call). Not a test: compare rows of one run.
+
+`--instructions` counts instead of timing: thousands of CPU instructions per call, under
+valgrind's callgrind (installed with apt when missing and allowed), switched on only around the
+measured calls; a run with no calls gives what the switching itself costs, which is taken off.
+On a machine shared with other work, where times move by half from one run to the next, the
+count moves by about 1 %: the figure to compare a change by.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import os
 import shutil
 import subprocess
@@ -130,7 +137,14 @@ def _without(app: Any, piece: str) -> None:
         pipeline.until_disconnect = unwatched  # type: ignore[assignment]
 
 
-async def _measure(model: str, stream: bool, calls: int, piece: str) -> float:
+def _count(switch: str) -> None:
+    """Callgrind counts this process's instructions from `on` to `off`."""
+    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())], capture_output=True,
+                   check=True, timeout=60)
+
+
+async def _measure(model: str, stream: bool, calls: int, piece: str,
+                   counted: bool = False) -> float:
     from gateway.app import create_app
     from gateway.config.reader import load_config
     from gateway.logs import configure_logging
@@ -146,6 +160,12 @@ async def _measure(model: str, stream: bool, calls: int, piece: str) -> float:
     async with app.router.lifespan_context(app):
         for _ in range(300):  # warm: the pools, the caches, the first-use paths
             await _call(app, body)
+        if counted:
+            await asyncio.to_thread(_count, "on")
+            for _ in range(calls):
+                await _call(app, body)
+            await asyncio.to_thread(_count, "off")
+            return 0.0
         best = float("inf")
         for _ in range(12):
             started = time.perf_counter()
@@ -161,17 +181,48 @@ def _child(model: str, stream: bool, calls: int, piece: str) -> None:
 
     sys.stderr = open(os.devnull, "w")  # the access lines go nowhere, as long as this lives
     _stub_backend()
-    print(f"{uvloop.run(_measure(model, stream, calls, piece)):.1f}")
+    counted = bool(os.environ.get("OWN_COST_COUNTED"))
+    print(f"{uvloop.run(_measure(model, stream, calls, piece, counted)):.1f}")
+
+
+def _child_args(model: str, stream: bool, calls: int, piece: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", model,
+            "1" if stream else "0", str(calls), piece]
 
 
 def _run(source: Path, model: str, stream: bool, calls: int, piece: str = "") -> float:
+    """Microseconds per call."""
     env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0"}
     pin = ["taskset", "-c", str((os.cpu_count() or 1) - 1)] if shutil.which("taskset") else []
-    args = [*pin, sys.executable, str(Path(__file__).resolve()), "--child", model,
-            "1" if stream else "0", str(calls), piece]
-    done = subprocess.run(args, env=env, cwd=source, capture_output=True, text=True,
-                          check=True, timeout=600)
+    done = subprocess.run([*pin, *_child_args(model, stream, calls, piece)], env=env,
+                          cwd=source, capture_output=True, text=True, check=True, timeout=600)
     return float(done.stdout.strip())
+
+
+def _instructions(source: Path, model: str, stream: bool, calls: int, piece: str) -> int:
+    """Instructions `calls` calls take, switching included."""
+    env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0",
+           "OWN_COST_COUNTED": "1"}
+    with tempfile.TemporaryDirectory() as work:
+        out = f"{work}/callgrind.out"
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                        f"--callgrind-out-file={out}", *_child_args(model, stream, calls, piece)],
+                       env=env, cwd=source, capture_output=True, check=True, timeout=1800)
+        totals = [int(line.split()[1]) for name in glob.glob(out + "*")
+                  for line in Path(name).read_text().splitlines() if line.startswith("totals:")]
+    return sum(totals)
+
+
+def _counted(source: Path, model: str, stream: bool, calls: int, piece: str = "") -> float:
+    """Thousands of instructions per call."""
+    switching = _instructions(source, model, stream, 0, piece)
+    return (_instructions(source, model, stream, calls, piece) - switching) / calls / 1000
+
+
+def _ensure_valgrind() -> None:
+    from relay_cpu import ensure_tool  # its sibling script: run as one, bench/ is on the path
+
+    ensure_tool("valgrind", "valgrind", install=True)
 
 
 def main() -> None:
@@ -184,16 +235,25 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300, help="calls per batch")
     parser.add_argument("--without", nargs="+", choices=sorted(PIECES), default=[],
                         help="also measure this checkout with each piece taken out")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count k instructions per call (callgrind) instead of timing")
     args = parser.parse_args()
+    if args.instructions:
+        _ensure_valgrind()
+    unit = "k instructions" if args.instructions else "µs"
     rows = [("this checkout", ROOT, "")]
     if args.baseline:
         rows.append((f"baseline {args.baseline}", args.baseline.resolve(), ""))
     rows += [(f"without {PIECES[piece]}", ROOT, piece) for piece in args.without]
-    print("| gateway | " + " | ".join(f"{name}, µs per call" for name, _, _ in CASES) + " |")
+    print("| gateway | " + " | ".join(f"{name}, {unit} per call" for name, _, _ in CASES) + " |")
     print("|---|" + "---|" * len(CASES))
     for name, source, piece in rows:
-        figures = [min(_run(source, model, stream, args.calls, piece)
-                       for _ in range(args.rounds)) for _, model, stream in CASES]
+        if args.instructions:  # a count: one round says it
+            figures = [_counted(source, model, stream, args.calls, piece)
+                       for _, model, stream in CASES]
+        else:
+            figures = [min(_run(source, model, stream, args.calls, piece)
+                           for _ in range(args.rounds)) for _, model, stream in CASES]
         print(f"| {name} | " + " | ".join(f"{f:.0f}" for f in figures) + " |", flush=True)
 
 

@@ -212,8 +212,8 @@ def ensure_tool(binary: str, package: str, install: bool) -> str:
         found = shutil.which(binary, path=search)
         if found:
             return found
-    raise SystemExit(f"relay_cpu: {binary} is needed: `sudo apt-get install -y {package}` "
-                     "(Debian/Ubuntu), then run again")
+    raise SystemExit(f"{Path(sys.argv[0]).stem}: {binary} is needed: "
+                     f"`sudo apt-get install -y {package}` (Debian/Ubuntu), then run again")
 
 
 def raise_fd_limit() -> None:

@@ -23,3 +23,15 @@ def test_own_cost_prints_a_figure_per_case_and_piece() -> None:
     for row in rows:
         figures = [float(f) for f in re.findall(r"\| (\d+) ", row + " ")]
         assert len(figures) == 3 and all(f > 0 for f in figures), done.stdout
+
+
+def test_own_cost_counts_instructions_per_call() -> None:
+    """The count a noisy machine cannot move: renaming the model in each frame is more work
+    than relaying the frames as they are, and the count says so."""
+    done = subprocess.run([sys.executable, "bench/own_cost.py", "--instructions", "--calls", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "k instructions per call" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| this"))
+    json, sse, renamed = (float(f) for f in re.findall(r"\| (\d+) ", row + " "))
+    assert 0 < json < sse < renamed, done.stdout
