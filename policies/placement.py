@@ -145,10 +145,11 @@ class Room:
 def room(route: RouteOption, node: NodeView, config: BatchingConfig, now: float) -> Room:
     """The room the route's model would take on `node`, and its cost (module rules 4, 5)."""
     models = _settled(_claimed(node, config), now)
+    newcomer = _after_transition(route.model, now)  # a copy still unloading holds no room
     keep = protected(models, config, now)
-    victims = choose_victims(route.model, models, node.budget, keep)
+    victims = choose_victims(newcomer, models, node.budget, keep)
     if victims is None:  # only by taking models inside their minimum residency
-        victims = choose_victims(route.model, models, node.budget)
+        victims = choose_victims(newcomer, models, node.budget)
     if victims is None:
         return Room()
     held_for = max((_residency_left(models[v], config, now) for v in victims if v in keep),

@@ -337,3 +337,15 @@ def test_room_that_a_model_only_this_node_serves_is_about_to_want_is_not_free() 
     quiet = NodeView("a", TWELVE, {**a.models, "big": replace(big, rate_per_s=0.001)},
                      a.exclusive)
     assert place(routes, {"a": quiet, "b": b}, CONFIG, NOW).index == 0  # not wanted: free
+
+
+def test_a_copy_still_unloading_is_not_room_to_load_it_again() -> None:
+    # Node a is unloading the model's copy beside a model that fills the rest: once that copy
+    # is gone it needs room made again, so node b, where it fits, takes it, a second slower.
+    routes = [route("a", size_gb=6, state=State.UNLOADING, load_seconds=5),
+              route("b", size_gb=6, load_seconds=6)]
+    nodes = nodes_with(node("a", TWELVE, idle("x", size_gb=8, load_seconds=4)),
+                       node("b", TWELVE), routes=routes)
+    assert room(routes[0], nodes["a"], CONFIG, NOW).victims == ("x",)
+    placement = place(routes, nodes, CONFIG, NOW)
+    assert placement.index == 1 and "without eviction" in placement.reason
