@@ -18,10 +18,12 @@ Each route is the model on one backend, on one node. In order:
    pays only the wait, so an idle node beats one whose lane is busy with a long load only
    while that wait is shorter than what making room elsewhere costs;
 5. a model that only one node can serve keeps that room while it is wanted soon (a request
-   for it is more likely than not within a newcomer's minimum residency plus its own reload):
-   a model with routes elsewhere takes it, evicting it or being evicted by it, only when no
-   other node can make room now. Its reload is the longest wait of all: it has nowhere else
-   to go.
+   for it is more likely than not within the time a newcomer taking its room keeps it away:
+   the newcomer's minimum residency, then up to max_wait, since the newcomer's own requests
+   keep coming to it there and the node's plan may keep a waiter that long, then its own
+   reload): a model with routes elsewhere takes it, evicting it or being evicted by it, only
+   when no other node can make room now. Its reload is the longest wait of all: it has
+   nowhere else to go.
 
 A queue already placed is placed again (`move`) while its load has not begun: it goes where
 rule 4 and 5 would send it now, but only if it would be loaded there before its own node could
@@ -234,7 +236,9 @@ def _after_transition(model: ModelView, now: float) -> ModelView:
 
 def _wanted_soon(model: ModelView, config: BatchingConfig) -> bool:
     """More likely than not asked for (arriving at its recent rate, as a Poisson stream) while
-    a newcomer taking its room keeps it away: the newcomer's minimum residency, then its own
-    reload; P(a request within t) = 1 - exp(-rate * t) >= 1/2."""
-    away = config.min_residency_ms / 1000.0 + reload_seconds(model)
+    a newcomer taking its room keeps it away: the newcomer's minimum residency, then up to
+    max_wait (the newcomer, served there, stays past its residency while its requests come,
+    and the node's plan may keep a waiter that long), then its own reload;
+    P(a request within t) = 1 - exp(-rate * t) >= 1/2."""
+    away = (config.min_residency_ms + config.max_wait_ms) / 1000.0 + reload_seconds(model)
     return model.queued > 0 or model.rate_per_s * away >= math.log(2)

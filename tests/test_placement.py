@@ -349,3 +349,23 @@ def test_a_copy_still_unloading_is_not_room_to_load_it_again() -> None:
     assert room(routes[0], nodes["a"], CONFIG, NOW).victims == ("x",)
     placement = place(routes, nodes, CONFIG, NOW)
     assert placement.index == 1 and "without eviction" in placement.reason
+
+
+def test_a_model_only_one_node_serves_keeps_its_room_past_a_newcomers_minimum_residency() -> None:
+    # The 70B, asked for every 3 minutes, loads in a minute. A newcomer on the Mac would be
+    # served there past its 20 s of minimum residency, and a waiter for the 70B may then wait
+    # max_wait (60 s) before its reload: within those 140 s a request for it is more likely
+    # than not (1 - exp(-140/180) = 0.54), so the newcomer goes where room is made instead.
+    mac, gpu = Budget(max_models=1, memory_gb=56), Budget(max_models=3, memory_gb=20)
+    seventy = idle("seventy", size_gb=42, load_seconds=60, rate_per_s=1 / 180)
+    small = [idle(f"s{i}", size_gb=6, load_seconds=10, rate_per_s=0.1, in_flight=3)
+             for i in range(3)]
+    routes = [route("mac", size_gb=20, load_seconds=30), route("gpu", size_gb=20, load_seconds=20)]
+    nodes = {"mac": NodeView("mac", mac, {"seventy": seventy, routes[0].model.name:
+                                          routes[0].model}, frozenset({"seventy"})),
+             "gpu": nodes_with(node("gpu", gpu, *small), routes=routes)["gpu"]}
+    assert room(routes[0], nodes["mac"], CONFIG, NOW).takes_a_home
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+    rare = replace(nodes["mac"], models={**nodes["mac"].models,
+                                         "seventy": replace(seventy, rate_per_s=1 / 600)})
+    assert place(routes, {**nodes, "mac": rare}, CONFIG, NOW).index == 0  # not wanted soon
