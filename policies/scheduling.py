@@ -50,6 +50,18 @@ def with_idle_ttl(plan: Plan, models: Models, now: float) -> Plan:
     return replace(plan, wake_at=min(upcoming, default=None))
 
 
+def idle_changes_plan(*, admitting: bool, anyone_waiting: bool, ttl_s: float, idle_since: float,
+                      wake_at: float | None) -> bool:
+    """Whether a model's last request ending can change a plan, so is worth a decision: when
+    something waits (a queue anywhere, a drain or hold that waits for it), or when its idle ttl
+    starts and no decision is due before it expires (`with_idle_ttl` arms that wake only for
+    idle models). Otherwise the plan is the one already made: a request's end on a busy gateway
+    takes no decision round."""
+    if anyone_waiting or not admitting:
+        return True
+    return ttl_s > 0 and (wake_at is None or wake_at > idle_since + ttl_s)
+
+
 def _expires_at(model: ModelView) -> float:
     """When an idle, loaded model with a ttl is due to be unloaded; never for any other."""
     idle = model.state is State.LOADED and is_idle(model) and model.queued == 0

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bench.swap_sim import Request, Scenario, SimModel, poisson_trace, simulate
 from policies.eviction import fits_together
-from policies.scheduling import decide, decide_fifo
+from policies.scheduling import decide, decide_fifo, idle_changes_plan
 from policies.types import BatchingConfig, Budget, ModelView, Plan, State
 
 NOW = 1_000.0
@@ -318,3 +318,14 @@ def test_the_policy_swaps_far_less_than_fifo_on_interleaved_traffic() -> None:
     assert policy.swaps < collated.swaps
     assert policy.mean_latency * 2 <= fifo.mean_latency
     assert policy.p99_wait <= BatchingConfig().max_wait_ms / 1000 + 15.0
+
+
+def test_an_answer_ending_asks_for_a_decision_only_when_one_can_change() -> None:
+    quiet = {"admitting": True, "anyone_waiting": False, "ttl_s": 0.0, "idle_since": 100.0,
+             "wake_at": None}
+    assert not idle_changes_plan(**quiet)
+    assert idle_changes_plan(**quiet | {"anyone_waiting": True})  # a swap may wait on it
+    assert idle_changes_plan(**quiet | {"admitting": False})  # a drain waits for it
+    assert idle_changes_plan(**quiet | {"ttl_s": 30.0})  # its ttl needs a wake
+    assert not idle_changes_plan(**quiet | {"ttl_s": 30.0, "wake_at": 110.0})  # one comes first
+    assert idle_changes_plan(**quiet | {"ttl_s": 5.0, "wake_at": 110.0})  # too late for it

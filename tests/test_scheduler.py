@@ -203,6 +203,22 @@ def test_idle_model_unloads_after_its_ttl(start_gateway: Any, ollama: Any) -> No
     assert httpx.get(gateway.url + "/models/a").json()["status"] == "unloaded"
 
 
+def test_answers_on_a_loaded_model_take_no_decision_rounds(start_gateway: Any,
+                                                           ollama: Any) -> None:
+    """With nothing waiting, a request's end changes no plan: the scheduler does not plan
+    again after each answer (it did, over every model, for every request on an idle gateway)."""
+    gateway = start_gateway(three_models(ollama.url))
+    scheduler = services(gateway).scheduler
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        assert client.post("/v1/chat/completions", json=ask("a")).status_code == 200
+        steps = scheduler.steps
+        for _ in range(30):
+            assert client.post("/v1/chat/completions", json=ask("a")).status_code == 200
+    assert scheduler.steps - steps < 10  # one a request before: 30
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json=ask("b"), timeout=30)
+    assert answer.status_code == 200  # a swap still gets its decisions
+
+
 def test_default_model_is_loaded_at_start(start_gateway: Any, ollama: Any) -> None:
     gateway = start_gateway(three_models(ollama.url, default_model="c"))
     wait_until(lambda: emulator(ollama).loaded == frozenset({"c:7b"}), message="preload")

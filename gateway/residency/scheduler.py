@@ -52,7 +52,7 @@ from gateway.residency.state import Residency
 from policies.backoff import retry_delay
 from policies.eviction import fits_at_all
 from policies.execution import execute
-from policies.scheduling import decide
+from policies.scheduling import decide, idle_changes_plan
 from policies.tiers import host_gb, sleepers
 from policies.types import ModelView, State
 
@@ -261,11 +261,19 @@ class Scheduler:
         return Lease(target, lambda: self._release(slot, now))
 
     def _release(self, slot: Slot, started: float) -> None:
-        slot.released(self.clock(), started)
+        now = self.clock()
+        slot.released(now, started)
         self.coordinator.leased(slot.model.name, -1)
         slot.driver.after_request(slot.model)  # Ollama: re-assert the keep-alive pin
-        if slot.in_flight == 0 or slot.queue:
+        if slot.queue or (slot.in_flight == 0 and self._idle_changes_plan(slot, now)):
             self.wake()
+
+    def _idle_changes_plan(self, slot: Slot, now: float) -> bool:
+        return idle_changes_plan(
+            admitting=slot.admission is Admission.OPEN,
+            anyone_waiting=any(s.queue for s in self.slots.values()),
+            ttl_s=slot.model.ttl_s if slot.managed else 0.0, idle_since=now,
+            wake_at=self._wake_at)
 
     def abandon(self, waiter: Waiter) -> None:
         """The waiter's client is gone: leave the queue, or give back a lease granted to it."""
