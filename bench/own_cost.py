@@ -8,9 +8,11 @@ answers from memory with a 16-token answer, so what is timed is the gateway's ow
 middlewares, access log, metrics, parsing, cache decision, lease, relay. Each figure is the
 fastest of `--rounds` child processes, each the fastest of 12 batches of `--calls` sequential
 calls (wall time per call, on one pinned core where the machine allows), so another job on the
-machine raises it less than it would a mean. `--baseline DIR` measures another checkout (say,
-`git worktree add DIR <commit>`) in the same run; `--without` adds a row per piece taken out
-(what that piece costs a call). Not a test: compare rows of one run.
+machine raises it less than it would a mean. Each call runs in a task of its own, as uvicorn
+runs a request, so what it leaves for the event loop's next turn counts with it.
+`--baseline DIR` measures another checkout (say, `git worktree add DIR <commit>`) in the same
+run; `--without` adds a row per piece taken out (what that piece costs a call). Not a test:
+compare rows of one run.
 
 `--instructions` counts instead of timing: thousands of CPU instructions per call, under
 valgrind's callgrind (installed with apt when missing and allowed), switched on only around the
@@ -120,6 +122,13 @@ async def _call(app: Any, body: bytes) -> None:
         raise SystemExit(f"the gateway answered {status}")
 
 
+async def _turn(app: Any, body: bytes) -> None:
+    """One call in a task of its own, as uvicorn runs a request: what the call leaves for the
+    loop's next turn (a decision round, the access line's write) is counted with it, not
+    folded into one at the end of a batch."""
+    await asyncio.get_running_loop().create_task(_call(app, body))
+
+
 def _without(app: Any, piece: str) -> None:
     if piece == "metrics":
         for middleware in app.user_middleware:
@@ -159,18 +168,18 @@ async def _measure(model: str, stream: bool, calls: int, piece: str,
             f'"stream":{"true" if stream else "false"}{options}}}').encode()
     async with app.router.lifespan_context(app):
         for _ in range(300):  # warm: the pools, the caches, the first-use paths
-            await _call(app, body)
+            await _turn(app, body)
         if counted:
             await asyncio.to_thread(_count, "on")
             for _ in range(calls):
-                await _call(app, body)
+                await _turn(app, body)
             await asyncio.to_thread(_count, "off")
             return 0.0
         best = float("inf")
         for _ in range(12):
             started = time.perf_counter()
             for _ in range(calls):
-                await _call(app, body)
+                await _turn(app, body)
             best = min(best, (time.perf_counter() - started) / calls)
     os.unlink(config.name)
     return best * 1e6
