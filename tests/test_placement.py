@@ -135,25 +135,30 @@ def test_with_every_node_mid_swap_the_one_whose_swap_ends_sooner_wins() -> None:
     assert place(routes, nodes, CONFIG, NOW).index == 1
 
 
-def test_a_model_only_one_node_serves_keeps_its_room_from_a_model_that_can_go_elsewhere() -> None:
-    # The Mac holds the 70B, which no other node can run and which is asked for every minute.
-    # The 32B could take the Mac more cheaply by the cost alone (the GPU must evict three
-    # models in use), but the 70B would then wait a minute's reload with nowhere else to go.
+def seventy_on_the_mac(rate_per_s: float) -> tuple[list[RouteOption], dict[str, NodeView]]:
+    """A 32B that may go to the Mac, where the 70B only that node serves is loaded, or to the
+    GPU server, which must evict three models in use for it."""
     mac, gpu = Budget(max_models=1, memory_gb=56), Budget(max_models=3, memory_gb=20)
-    seventy = idle("seventy", size_gb=42, load_seconds=60, rate_per_s=1 / 60)
+    seventy = idle("seventy", size_gb=42, load_seconds=60, rate_per_s=rate_per_s)
     small = [idle(f"s{i}", size_gb=6, load_seconds=10, rate_per_s=0.1, in_flight=3)
              for i in range(3)]
     routes = [route("mac", size_gb=20, load_seconds=30), route("gpu", size_gb=20, load_seconds=20)]
     nodes = {"mac": NodeView("mac", mac, {"seventy": seventy, routes[0].model.name:
                                           routes[0].model}, frozenset({"seventy"})),
              "gpu": nodes_with(node("gpu", gpu, *small), routes=routes)["gpu"]}
+    return routes, nodes
+
+
+def test_a_model_only_one_node_serves_keeps_its_room_from_a_model_that_can_go_elsewhere() -> None:
+    # The Mac holds the 70B, which no other node can run and which is asked for every minute.
+    # The 32B could take the Mac more cheaply by the cost alone (the GPU must evict three
+    # models in use), but the 70B would then wait a minute's reload with nowhere else to go.
+    routes, nodes = seventy_on_the_mac(rate_per_s=1 / 60)
     mac_room, gpu_room = (room(r, nodes[r.node], CONFIG, NOW) for r in routes)
     assert mac_room.takes_a_home and mac_room.cost < gpu_room.cost
-    placement = place(routes, nodes, CONFIG, NOW)
-    assert placement.index == 1
-    quiet = replace(nodes["mac"], models={**nodes["mac"].models,
-                                          "seventy": replace(seventy, rate_per_s=1 / 600)})
-    assert place(routes, {**nodes, "mac": quiet}, CONFIG, NOW).index == 0  # not wanted now
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+    _, quiet = seventy_on_the_mac(rate_per_s=1 / 600)
+    assert place(routes, quiet, CONFIG, NOW).index == 0  # not wanted now
 
 
 def test_a_model_only_one_node_serves_is_wanted_soon_within_a_newcomers_stay() -> None:
@@ -356,16 +361,8 @@ def test_a_model_only_one_node_serves_keeps_its_room_past_a_newcomers_minimum_re
     # served there past its 20 s of minimum residency, and a waiter for the 70B may then wait
     # max_wait (60 s) before its reload: within those 140 s a request for it is more likely
     # than not (1 - exp(-140/180) = 0.54), so the newcomer goes where room is made instead.
-    mac, gpu = Budget(max_models=1, memory_gb=56), Budget(max_models=3, memory_gb=20)
-    seventy = idle("seventy", size_gb=42, load_seconds=60, rate_per_s=1 / 180)
-    small = [idle(f"s{i}", size_gb=6, load_seconds=10, rate_per_s=0.1, in_flight=3)
-             for i in range(3)]
-    routes = [route("mac", size_gb=20, load_seconds=30), route("gpu", size_gb=20, load_seconds=20)]
-    nodes = {"mac": NodeView("mac", mac, {"seventy": seventy, routes[0].model.name:
-                                          routes[0].model}, frozenset({"seventy"})),
-             "gpu": nodes_with(node("gpu", gpu, *small), routes=routes)["gpu"]}
+    routes, nodes = seventy_on_the_mac(rate_per_s=1 / 180)
     assert room(routes[0], nodes["mac"], CONFIG, NOW).takes_a_home
     assert place(routes, nodes, CONFIG, NOW).index == 1
-    rare = replace(nodes["mac"], models={**nodes["mac"].models,
-                                         "seventy": replace(seventy, rate_per_s=1 / 600)})
-    assert place(routes, {**nodes, "mac": rare}, CONFIG, NOW).index == 0  # not wanted soon
+    _, rare = seventy_on_the_mac(rate_per_s=1 / 600)
+    assert place(routes, rare, CONFIG, NOW).index == 0  # not wanted soon
