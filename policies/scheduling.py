@@ -55,8 +55,8 @@ def idle_changes_plan(*, admitting: bool, anyone_waiting: bool, ttl_s: float, id
     """Whether a model's last request ending can change a plan, so is worth a decision: when
     something waits (a queue anywhere, a drain or hold that waits for it), or when its idle ttl
     starts and no decision is due before it expires (`with_idle_ttl` arms that wake only for
-    idle models). Otherwise the plan is the one already made: a request's end on a busy gateway
-    takes no decision round."""
+    idle models). Otherwise the plan is the one already made: where nothing waits, a request's
+    end takes no decision round."""
     if anyone_waiting or not admitting:
         return True
     return ttl_s > 0 and (wake_at is None or wake_at > idle_since + ttl_s)
