@@ -191,6 +191,33 @@ async def test_a_lock_wait_ends_even_when_the_client_swallows_its_timeout(
                 assert not also
 
 
+async def test_a_lock_is_released_even_when_its_renewal_swallows_the_cancel(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    """Leaving the block stops the renewal task; a renewal whose send swallowed that
+    cancellation (3.11's wait_for) renewed on forever, and the block never ended."""
+    one, two = pair
+    evaluate, renewing = one._redis.eval, asyncio.Event()
+
+    async def slow(*args: Any) -> Any:
+        renewing.set()
+        await asyncio.sleep(0.5)  # the cancel lands inside it
+        return await evaluate(*args)
+
+    async def swallowing(*args: Any) -> Any:
+        call = asyncio.ensure_future(slow(*args))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            return await call
+    async with asyncio.timeout(10):  # the test's guard, not the behaviour under test
+        async with one.lock(["ollama"], wait_s=1) as held:
+            assert held
+            one._redis.eval = swallowing  # type: ignore[method-assign]
+            await renewing.wait()  # the renewal's send has begun
+    async with two.lock(["ollama"], wait_s=5) as after:
+        assert after  # and the lock was released
+
+
 async def test_a_lock_lost_midway_is_visible_and_stops_the_drain(
         replicas_on_own_redis: tuple[RedisCoordinator, RedisCoordinator],
         own_redis: RedisServer) -> None:
