@@ -166,26 +166,35 @@ async def test_a_held_lock_outlives_a_redis_restart(
         assert after
 
 
-async def test_a_lock_wait_ends_even_when_the_client_swallows_its_timeout(
-        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
-    """Python 3.11's `wait_for` (in redis-py's send) returns a finished send's result instead of
-    the cancellation that ends a wait: the wait must end at its deadline all the same."""
-    one, two = pair
-    evaluate = two._redis.eval
-
+def swallowing(evaluate: Callable[..., Awaitable[Any]],
+               started: asyncio.Event | None = None) -> Callable[..., Awaitable[Any]]:
+    """`evaluate`, slower than the waits here, returning its result instead of a cancellation
+    that lands meanwhile: what Python 3.11's `wait_for` (in redis-py's send) does once the send
+    is done."""
     async def slow(*args: Any) -> Any:
-        await asyncio.sleep(0.5)  # longer than the wait: its deadline passes inside a call
+        if started is not None:
+            started.set()
+        await asyncio.sleep(0.5)
         return await evaluate(*args)
 
-    async def swallowing(*args: Any) -> Any:
-        call = asyncio.ensure_future(slow(*args))
+    async def call(*args: Any) -> Any:
+        pending = asyncio.ensure_future(slow(*args))
         try:
-            return await asyncio.shield(call)
+            return await asyncio.shield(pending)
         except asyncio.CancelledError:
-            return await call  # as wait_for does once the send is done
+            return await pending
+
+    return call
+
+
+async def test_a_lock_wait_ends_even_when_the_client_swallows_its_timeout(
+        pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
+    """The wait's deadline passes inside a call that swallows the cancellation meant to end it:
+    the wait must end at its deadline all the same."""
+    one, two = pair
     async with one.lock(["ollama"], wait_s=1) as held:
         assert held
-        two._redis.eval = swallowing  # type: ignore[method-assign]
+        two._redis.eval = swallowing(two._redis.eval)  # type: ignore[method-assign]
         async with asyncio.timeout(10):  # the test's guard, not the behaviour under test
             async with two.lock(["ollama"], wait_s=0.3) as also:
                 assert not also
@@ -194,26 +203,14 @@ async def test_a_lock_wait_ends_even_when_the_client_swallows_its_timeout(
 async def test_a_lock_is_released_even_when_its_renewal_swallows_the_cancel(
         pair: tuple[RedisCoordinator, RedisCoordinator]) -> None:
     """Leaving the block stops the renewal task; a renewal whose send swallowed that
-    cancellation (3.11's wait_for) renewed on forever, and the block never ended."""
+    cancellation renewed on forever, and the block never ended."""
     one, two = pair
-    evaluate, renewing = one._redis.eval, asyncio.Event()
-
-    async def slow(*args: Any) -> Any:
-        renewing.set()
-        await asyncio.sleep(0.5)  # the cancel lands inside it
-        return await evaluate(*args)
-
-    async def swallowing(*args: Any) -> Any:
-        call = asyncio.ensure_future(slow(*args))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            return await call
+    renewing = asyncio.Event()
     async with asyncio.timeout(10):  # the test's guard, not the behaviour under test
         async with one.lock(["ollama"], wait_s=1) as held:
             assert held
-            one._redis.eval = swallowing  # type: ignore[method-assign]
-            await renewing.wait()  # the renewal's send has begun
+            one._redis.eval = swallowing(one._redis.eval, renewing)  # type: ignore[method-assign]
+            await renewing.wait()  # the renewal's send has begun: the cancel lands inside it
     async with two.lock(["ollama"], wait_s=5) as after:
         assert after  # and the lock was released
 
