@@ -40,6 +40,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.residency import tasks
+
 log = structlog.get_logger(__name__)
 
 LOCK_LEASE_S = 15.0  # frees the box this long after a replica holding the lock died
@@ -55,7 +57,6 @@ KEY_SPACE = "coord"
 _REDIS_TIMEOUT_S = 2.0
 _RECONNECT_S = 1.0
 _BACKOFF_MAX_S = 1.0
-_STOP_RETRY_S = 0.1  # a task still running this long after its cancel is cancelled again
 
 # Seconds since this Redis server started: a young one may have lost what replicas wrote.
 _UPTIME = ("local up = tonumber(string.match(redis.call('info', 'server'), "
@@ -84,28 +85,12 @@ _HEARTBEAT = (
 _UNREACHABLE = (RedisError, OSError)
 
 
-# Python 3.11's `wait_for`, which redis-py's every send goes through, swallows a cancellation
-# that arrives as the send completes: a loop that talks to Redis cannot count on one
-# cancellation to end it. So waits check their deadline (`_check`) and tasks are stopped by
-# cancelling until they end (`_stop`).
-
-
 def _check(scope: asyncio.Timeout) -> None:
-    """TimeoutError once `scope` is past its deadline."""
+    """TimeoutError once `scope` is past its deadline. A wait that polls Redis cannot count on
+    the scope's cancellation alone: a send may swallow it (`tasks`), and the wait polls on."""
     when = scope.when()
     if when is not None and asyncio.get_running_loop().time() >= when:
         raise TimeoutError
-
-
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel `tasks` until every one has ended; what they raised is dropped, as they stop."""
-    while pending := [task for task in tasks if not task.done()]:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=_STOP_RETRY_S)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
 
 
 @dataclass(frozen=True)
@@ -223,7 +208,7 @@ class RedisCoordinator:
             self._heartbeat(), self._flush_counts(), self._listen(on_notice))]
 
     async def close(self) -> None:
-        await _stop(self._tasks)
+        await tasks.stop(self._tasks)
         with contextlib.suppress(*_UNREACHABLE):
             await self._redis.delete(self._key("replica", self.replica))
             await self._redis.srem(self._key("replicas", "all"), self.replica)
@@ -248,7 +233,7 @@ class RedisCoordinator:
             yield handle
         finally:
             if renewing is not None:
-                await _stop([renewing])
+                await tasks.stop([renewing])
             for name in names:
                 if self._held.get(name) is handle:
                     del self._held[name]

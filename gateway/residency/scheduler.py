@@ -27,6 +27,7 @@ from gateway.config.catalog import Catalog
 from gateway.config.schema import GatewayConfig, ModelConfig
 from gateway.errors import GatewayError
 from gateway.relay.proxy import Target
+from gateway.residency import tasks
 from gateway.residency.adapters import Adapters, SessionFor
 from gateway.residency.admission import (
     HOLD_S,
@@ -701,9 +702,7 @@ class Scheduler:
         self._closing = True
         for slot in self.slots.values():
             self._fail_queue(slot, shutting_down())
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await tasks.stop(self._tasks)  # a swap waiting for the coordinator's lock among them
         await self.coordinator.close()
         await self.meter.book.close()
         for driver in {id(d): d for d in self.drivers.values()}.values():
