@@ -96,6 +96,11 @@ class Slot:
         return self.driver.manages_residency and self.model.adapter_of is None
 
     @property
+    def ttl_s(self) -> float:
+        """Its idle ttl, where its residency is the scheduler's to plan (0: none)."""
+        return self.residency.model.ttl_s if self.managed else 0.0
+
+    @property
     def sleeps(self) -> bool:
         """Its backend can put it to sleep (weights to host RAM) instead of unloading it."""
         return bool(getattr(self.driver, "sleeps", False))
@@ -163,7 +168,7 @@ class Slot:
             admitting=self.admission is Admission.OPEN,
             load_seconds=r.load_estimate(_FIRST_LOAD_S),
             retry_at=r.retry_at if r.state is State.FAILED else None,
-            ttl_s=r.model.ttl_s if self.managed else 0.0,
+            ttl_s=self.ttl_s,
             rate_per_s=self.rate.per_s(now),
             wake_seconds=r.wake_estimate(_FIRST_LOAD_S) if self.sleeps else None,
             asleep=r.asleep,

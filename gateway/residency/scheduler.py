@@ -267,7 +267,7 @@ class Scheduler:
         return idle_changes_plan(
             admitting=slot.admission is Admission.OPEN,
             anyone_waiting=any(s.queue for s in self.slots.values()),
-            ttl_s=slot.model.ttl_s if slot.managed else 0.0, idle_since=now,
+            ttl_s=slot.ttl_s, idle_since=now,
             wake_at=self._wake_at)
 
     def abandon(self, waiter: Waiter) -> None:
