@@ -12,10 +12,8 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from gateway.access.auth import AuthMiddleware
 from gateway.access.request_limits import HeaderLimit
@@ -23,51 +21,20 @@ from gateway.config.discovery import discover_ollama_models, discovery_applies, 
 from gateway.config.reader import load_config
 from gateway.config.reload import Loader, file_loader
 from gateway.config.schema import ConfigError, GatewayConfig
-from gateway.errors import GatewayError
 from gateway.fronts import anthropic, ollama
 from gateway.fronts.admin import AdminApi
 from gateway.fronts.anthropic import AnthropicApi
 from gateway.fronts.errors import FrontErrors
 from gateway.fronts.ollama import OllamaApi
 from gateway.fronts.openai import OpenAIApi
+from gateway.fronts.routing import Failures
 from gateway.fronts.swapper import SwapperApi
 from gateway.fronts.ui import Console, ui_routes
 from gateway.logs import AccessLog, Observer, configure_logging
 from gateway.progress import EVERY_S, log_loads, watch
-from gateway.relay.stream import ClientGone
 from gateway.services import Services
 
 log = structlog.get_logger("gateway")
-
-
-async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    request.scope["state"]["error"] = exc.code or exc.type
-    return exc.response()
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        message = f"Unknown endpoint: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
-    else:
-        message = str(exc.detail)
-    error = GatewayError(exc.status_code, message, headers=exc.headers,
-                         code="unknown_endpoint" if exc.status_code == 404 else None)
-    request.scope["state"]["error"] = error.code or error.type
-    return error.response()
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("request.crashed", error=repr(exc), exc_info=exc)
-    return GatewayError(500, "The gateway failed to handle this request.",
-                        code="internal_error").response()
 
 
 def _reload_on_sighup(services: Services) -> None:
@@ -103,6 +70,17 @@ def _observers(*observers: Observer) -> Observer:
     return observe
 
 
+class _Gateway(Starlette):
+    """Starlette with one layer answering exceptions (`fronts.routing.Failures`) in place of
+    its three."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = Failures(self.router)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(config: GatewayConfig, services: Services | None = None,
                loader: Loader | None = None, progress_every_s: float = EVERY_S) -> Starlette:
     """`progress_every_s`: how often the progress task reads the scheduler's snapshot (the
@@ -131,7 +109,7 @@ def create_app(config: GatewayConfig, services: Services | None = None,
             await services.stop()
             log.info("gateway.stopped")
 
-    app = Starlette(
+    app = _Gateway(
         # Starlette tries the routes in order: the busiest first (no two fronts share a path)
         routes=[*OpenAIApi(services).routes(), *AnthropicApi(services).routes(),
                 *OllamaApi(services).routes(), *SwapperApi(services).routes(),
@@ -144,13 +122,6 @@ def create_app(config: GatewayConfig, services: Services | None = None,
             Middleware(HeaderLimit, max_bytes=lambda: services.config.server.max_header_bytes),
             Middleware(AuthMiddleware, keyring=lambda: services.keys),
         ],
-        exception_handlers={
-            GatewayError: _gateway_error,
-            HTTPException: _http_error,
-            ClientGone: _client_gone,
-            ClientDisconnect: _client_gone,
-            Exception: _unexpected,
-        },
         lifespan=lifespan,
     )
     app.state.services = services

@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.access.auth import access_of
 from gateway.config.schema import ConfigError
 from gateway.errors import GatewayError, model_not_found
+from gateway.fronts.routing import Route
 from gateway.services import Services
 
 

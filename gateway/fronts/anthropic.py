@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import orjson
 from starlette.requests import Request
-from starlette.routing import Route
 
 from gateway.calls.parse import ApiCall, parse_call
 from gateway.calls.pipeline import Answer, CallPipeline, Frames
 from gateway.errors import GatewayError
+from gateway.fronts.routing import Route
 from gateway.fronts.translate import anthropic
 from gateway.services import Services
 

@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway import __version__
 from gateway.access.auth import access_of
@@ -25,6 +24,7 @@ from gateway.calls.parse import ApiCall, parse_call
 from gateway.calls.pipeline import Answer, CallPipeline, Frames, Resolved, json_response
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError, model_not_found
+from gateway.fronts.routing import Route
 from gateway.fronts.translate import ollama
 from gateway.residency.snapshot import ModelStatus
 from gateway.services import Services

@@ -11,12 +11,12 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.calls.parse import ApiCall, parse_call, parse_upload
 from gateway.calls.pipeline import Answer, CallPipeline, Frames, json_response
 from gateway.config.schema import ModelConfig
 from gateway.errors import GatewayError, model_not_found
+from gateway.fronts.routing import Route
 from gateway.relay.usage import UsageChunkFilter
 from gateway.services import Services
 

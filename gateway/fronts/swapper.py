@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway import __version__
 from gateway.access.auth import Access, access_of
 from gateway.config.schema import ModelConfig
 from gateway.errors import model_not_found
+from gateway.fronts.routing import Route
 from gateway.metrics import render, wants_prometheus
 from gateway.residency.snapshot import ModelStatus, SchedulerStatus
 from gateway.services import Services

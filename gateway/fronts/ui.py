@@ -19,10 +19,10 @@ from html import escape
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
-from starlette.routing import Route
 
 from gateway import __version__
 from gateway.access.auth import access_of
+from gateway.fronts.routing import Route
 from gateway.fronts.ui_assets import CONTENT_SECURITY_POLICY, CSS, REFRESH_S, SCRIPT
 from gateway.fronts.ui_format import (
     BLANK,
