@@ -6,8 +6,8 @@
 //   "stream": false  one JSON completion, `tokens` tokens of content, with usage
 //   "stream": true   SSE: `tokens` token chunks + a usage chunk + `data: [DONE]`, written at once,
 //                    one write (one HTTP chunk) per frame
-// POST /paced/v1/chat/completions streams `paced-tokens` token chunks, one every `pace-ms` per
-// stream, then the usage chunk and `data: [DONE]`.
+// POST /paced/v1/chat/completions streams `paced-tokens` token chunks (or the request's
+// `max_tokens`), one every `pace-ms` per stream, then the usage chunk and `data: [DONE]`.
 // GET /stats: counters (requests, json, sse, frames written, streams cut short), for the bench
 // to divide CPU by the work the upstream really did.
 
@@ -111,7 +111,8 @@ function handle(req, res, body) {
   }
   stats.requests++;
   const paced = req.url.startsWith("/paced/");
-  const { json, frames } = answer(String(request.model), paced ? PACED_TOKENS : TOKENS);
+  const tokens = paced ? Number(request.max_tokens) || PACED_TOKENS : TOKENS;
+  const { json, frames } = answer(String(request.model), tokens);
   if (!request.stream) {
     stats.json++;
     res.writeHead(200, { "content-type": "application/json", "content-length": json.length });

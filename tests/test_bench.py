@@ -35,3 +35,17 @@ def test_own_cost_counts_instructions_per_call() -> None:
     row = next(line for line in done.stdout.splitlines() if line.startswith("| this"))
     json, sse, renamed = (float(f) for f in re.findall(r"\| (\d+) ", row + " "))
     assert json > 0 and 0 < sse < renamed, done.stdout
+
+
+def test_relay_count_counts_the_gateway_and_the_floors() -> None:
+    done = subprocess.run([sys.executable, "bench/relay_count.py", "--floors", "--requests", "5",
+                           "--paced", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip(" |").split(" | ")[1:]
+            for line in done.stdout.splitlines() if line.startswith("| ") and "k/" not in line}
+    gateway, uvicorn = rows["gateway, this checkout"], rows["floor: uvicorn + relay/client.py"]
+    protocol = rows["floor: asyncio.Protocol + relay/client.py"]
+    assert uvicorn[2] == "—" and float(gateway[2]) > 0, done.stdout
+    # The gateway does more than uvicorn alone, which does more than no framework at all
+    assert float(gateway[0]) > float(uvicorn[0]) > float(protocol[0]) > 0, done.stdout
