@@ -74,6 +74,7 @@ def _decide(models: Models, budget: Budget, config: BatchingConfig, now: float) 
     In order: a waiter about to pass max_wait wins outright; a model that fits beside the
     residents loads at once; otherwise, when several models want the box, demand is gathered for
     the window, the best score wins, and residents keep their minimum residency while active.
+    Either winner yields to a waiter its load would push past max_wait (`pushed_late`).
     """
     admit = admissible(models)
     if in_transition(models):
@@ -90,12 +91,22 @@ def _decide(models: Models, budget: Budget, config: BatchingConfig, now: float) 
         return turn.override(urgent, "max_wait override")
     free = [m for m in waiting if fits_beside(m, models, budget)]
     if free:
-        return turn.swap_to(turn.best(free), frozenset(), "fits")
+        return _serve(turn, turn.best(free), waiting, frozenset(), "fits", config, now)
     crowded = contested(models, waiting, config, now)
     if crowded and now < window_end(waiting, config):
         return turn.hold("window: gathering demand")
     keep = protected(models, config, now)
-    return turn.swap_to(turn.best(waiting), keep, "window" if crowded else "swap")
+    why = "window" if crowded else "swap"
+    return _serve(turn, turn.best(waiting), waiting, keep, why, config, now)
+
+
+def _serve(turn: _Turn, winner: ModelView, waiting: list[ModelView], keep: frozenset[str],
+           why: str, config: BatchingConfig, now: float) -> Plan:
+    """Swap to the winner, unless its load would push another waiter past max_wait."""
+    late = pushed_late(winner, waiting, config, now)
+    if late is not None:
+        return turn.override(late, "max_wait ahead")
+    return turn.swap_to(winner, keep, why)
 
 
 def _decide_fifo(models: Models, budget: Budget, config: BatchingConfig, now: float) -> Plan:
@@ -155,6 +166,29 @@ def most_overdue(waiting: list[ModelView], config: BatchingConfig, now: float) -
     """The oldest waiter's model, once some waiter must be served now to meet max_wait."""
     overdue = [m for m in waiting if now >= _deadline(m, config)]
     return min(overdue, key=_oldest_since) if overdue else None
+
+
+def pushed_late(winner: ModelView, waiting: list[ModelView], config: BatchingConfig,
+                now: float) -> ModelView | None:
+    """The waiter to load before the winner, if any: the earliest deadline among those whose
+    deadline falls before the winner's load would end (the override would come a load too
+    late), earlier than the winner's own, that still meet max_wait if loaded now, and whose
+    queue is worth no less per second of load than the winner's (Smith's rule: loading it first
+    costs the waiting requests no more, so max_wait is kept without trading mean latency)."""
+    ends = now + winner.load_seconds
+    late = [
+        m for m in waiting
+        if m.name != winner.name
+        and _deadline(m, config) < min(ends, _deadline(winner, config))
+        and now + m.load_seconds <= _oldest_since(m) + _seconds(config.max_wait_ms)
+        and _worth_per_load_second(m) >= _worth_per_load_second(winner)
+    ]
+    return min(late, key=lambda m: _deadline(m, config), default=None)
+
+
+def _worth_per_load_second(model: ModelView) -> float:
+    weight = PRIORITY_WEIGHT.get(model.priority, 1.0)
+    return model.queued * weight / max(model.load_seconds, 1e-3)
 
 
 def contested(models: Models, waiting: list[ModelView], config: BatchingConfig, now: float) -> bool:

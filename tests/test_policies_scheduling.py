@@ -124,6 +124,27 @@ def test_a_load_longer_than_max_wait_does_not_jump_the_waiters_before_it() -> No
     assert overdue.load == "llama" and overdue.reason.startswith("max_wait override")
 
 
+def test_a_winner_yields_to_a_waiter_its_load_would_push_past_max_wait() -> None:
+    # b wins on score, but its 10 s load would end after c's deadline (NOW + 8: 60 s less c's
+    # 2 s load), so c would be served late; c goes first: it costs the queue no more, since c
+    # is worth more per second of load (1 request per 2 s against 3 per 10 s).
+    b = waiting("b", queued=3, since=NOW - 5, load_seconds=10)
+    c = waiting("c", queued=1, since=NOW - 50, load_seconds=2)
+    plan = plan_for(b, c)
+    assert plan.scores["b"] > plan.scores["c"]
+    assert plan.load == "c" and plan.reason.startswith("max_wait ahead")
+    after_the_window = plan_for(loaded("a"), b, c)
+    assert (after_the_window.load, after_the_window.evict) == ("c", ("a",))
+
+
+def test_a_waiter_worth_less_per_second_of_load_does_not_jump_the_winner() -> None:
+    # Loading the rare model first would keep its one request within max_wait but make the
+    # hot queue wait 15 s more each: the score's order stands.
+    hot = waiting("hot", queued=10, since=NOW - 5, load_seconds=5)
+    rare = waiting("rare", queued=1, since=NOW - 41, load_seconds=15)
+    assert plan_for(hot, rare).load == "hot"
+
+
 def test_the_override_serves_the_oldest_waiter_not_the_biggest_queue() -> None:
     big, old = waiting("b", queued=20, since=NOW - 30), waiting("c", since=NOW - 59)
     plan = plan_for(loaded("a"), big, old)
