@@ -1,4 +1,4 @@
-"""The Starlette application: routes, error rendering and the services' lifespan."""
+"""The Starlette application: routes, middlewares and the services' lifespan."""
 
 from __future__ import annotations
 

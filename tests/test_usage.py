@@ -38,6 +38,21 @@ def test_usage_of_a_stream_split_anywhere(cuts: list[int]) -> None:
     assert scanned(STREAM, cuts) == Usage(12, 7, 19)
 
 
+def frames_of(stream: bytes, size: int) -> list[int]:
+    return list(range(size, len(stream), size))
+
+
+TOKENS = b"".join(b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"tok%d"}}]}\n\n' % i
+                  for i in range(300))
+
+
+@given(st.integers(1, 200), st.lists(st.integers(1, len(TOKENS) + len(STREAM) - 1), max_size=12))
+def test_usage_of_a_long_stream_in_pieces_of_any_size(size: int, cuts: list[int]) -> None:
+    """Hundreds of frames before the usage chunk, in pieces from a byte to a few frames."""
+    stream = TOKENS + STREAM
+    assert scanned(stream, frames_of(stream, size) + cuts) == Usage(12, 7, 19)
+
+
 ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
              b'"usage":{"input_tokens":25,"output_tokens":1}}}\n\n'
              b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
@@ -55,6 +70,13 @@ def test_usage_of_an_anthropic_message() -> None:
 @given(st.lists(st.integers(1, len(ANTHROPIC) - 1), max_size=12))
 def test_an_anthropic_stream_says_its_input_first_and_its_output_last(cuts: list[int]) -> None:
     assert scanned(ANTHROPIC, cuts) == Usage(25, 15, 40)
+
+
+@given(st.integers(1, 200))
+def test_a_long_anthropic_stream_keeps_its_opening_input_tokens(size: int) -> None:
+    opening, _, rest = ANTHROPIC.partition(b"\n\n")
+    stream = opening + b"\n\n" + TOKENS + rest
+    assert scanned(stream, frames_of(stream, size)) == Usage(25, 15, 40)
 
 
 TOKEN = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"[]"}}],"usage":null}'

@@ -16,6 +16,9 @@ _FIELD = re.compile(
 _NUMBERS_WITHIN = 512  # bytes after `"usage"` that hold its numbers
 # An opening usage is read for its input tokens, which Anthropic's message_start names first.
 _INPUT_WITHIN = 256
+# What a stream's scanner keeps: its start, where an opening usage lies (after message_start's
+# id and model), and its end, which holds the last usage event whole with room to spare.
+_HEAD, _KEEP, _JOIN_EVERY = 1024, 2048, 32
 
 
 @dataclass(frozen=True)
@@ -43,29 +46,37 @@ def _fields(stretch: bytes, start: int) -> dict[bytes, int]:
 
 
 class UsageScanner:
-    """Keeps the last stretch of a stream that mentions usage (the usage chunk comes last), and
-    the first (where an Anthropic stream says its input tokens)."""
+    """Keeps a stream's first stretch (where an Anthropic stream says its input tokens) and its
+    last (the usage chunk comes last), and reads the usage off them once the stream has ended.
+    It sees every frame of every stream, so a frame costs it an append: the chunks are joined
+    and cut to the last `_KEEP` bytes only every `_JOIN_EVERY` chunks."""
 
     def __init__(self) -> None:
-        self._first = b""
-        self._last = b""
-        self._tail = b""
+        self._head: bytes | None = None  # the stream's start, once bytes have been dropped
+        self._recent: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
-        if 0 < len(self._first) < _INPUT_WITHIN:  # the first's numbers may come later
-            self._first = (self._first + chunk)[:_INPUT_WITHIN]
-        window = self._tail + chunk  # a `"usage"` may be split between two chunks
-        if b'"usage"' in window:
-            self._last = window[window.rfind(b'"usage"'):]
-            if not self._first:
-                self._first = window[window.find(b'"usage"'):][:_INPUT_WITHIN]
-        elif self._last and len(self._last) < _NUMBERS_WITHIN:
-            self._last += chunk  # the usage object's numbers may come in the next chunk
-        self._tail = chunk[-8:]
+        recent = self._recent
+        recent.append(chunk)
+        if len(recent) >= _JOIN_EVERY:
+            self._join()
+
+    def _join(self) -> None:
+        joined = b"".join(self._recent)
+        if len(joined) > _KEEP:
+            if self._head is None:  # nothing dropped before: this is the stream's start
+                self._head = joined[:_HEAD]
+            joined = joined[-_KEEP:]
+        self._recent = [joined]
 
     @property
     def usage(self) -> Usage:
-        return usage_of(self._last, self._first)
+        tail = b"".join(self._recent)
+        head = tail if self._head is None else self._head
+        opening = head.find(b'"usage"')
+        closing = tail.rfind(b'"usage"')
+        return usage_of(tail[closing:closing + _NUMBERS_WITHIN] if closing >= 0 else b"",
+                        head[opening:opening + _INPUT_WITHIN] if opening >= 0 else b"")
 
 
 class UsageChunkFilter:
