@@ -92,6 +92,8 @@ class UsageChunkFilter:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"\n\n") and not _EMPTY_LIST.search(chunk):
+            return chunk  # whole events, none of them usage-only: most frames
         data = self._pending + chunk if self._pending else chunk
         cut = len(data) if data.endswith(b"\n\n") else _events_end(data)
         self._pending = data[cut:]
