@@ -148,8 +148,9 @@ def _without(app: Any, piece: str) -> None:
 
 def _count(switch: str) -> None:
     """Callgrind counts this process's instructions from `on` to `off`."""
-    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())], capture_output=True,
-                   check=True, timeout=60)
+    import callgrind  # a sibling module: run as a script, bench/ is on the path
+
+    callgrind.control(os.getpid(), "-i", switch)
 
 
 async def _measure(model: str, stream: bool, calls: int, piece: str,
@@ -228,27 +229,20 @@ def _run(source: Path, model: str, stream: bool, calls: int, piece: str = "") ->
 
 def _instructions(source: Path, model: str, stream: bool, calls: int, piece: str) -> int:
     """Instructions `calls` calls take, switching included."""
+    import callgrind
+
     env = _env(source, OWN_COST_COUNTED="1")
     with tempfile.TemporaryDirectory() as work:
         out = f"{work}/callgrind.out"
-        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                        f"--callgrind-out-file={out}", *_child_args(model, stream, calls, piece)],
+        subprocess.run([*callgrind.command(out), *_child_args(model, stream, calls, piece)],
                        env=env, cwd=source, capture_output=True, check=True, timeout=1800)
-        totals = [int(line.split()[1]) for name in glob.glob(out + "*")
-                  for line in Path(name).read_text().splitlines() if line.startswith("totals:")]
-    return sum(totals)
+        return callgrind.total(*glob.glob(out + "*"))
 
 
 def _counted(source: Path, model: str, stream: bool, calls: int, piece: str = "") -> float:
     """Thousands of instructions per call."""
     switching = _instructions(source, model, stream, 0, piece)
     return (_instructions(source, model, stream, calls, piece) - switching) / calls / 1000
-
-
-def _ensure_valgrind() -> None:
-    from relay_cpu import ensure_tool  # its sibling script: run as one, bench/ is on the path
-
-    ensure_tool("valgrind", "valgrind", install=True)
 
 
 def main() -> None:
@@ -265,7 +259,9 @@ def main() -> None:
                         help="count k instructions per call (callgrind) instead of timing")
     args = parser.parse_args()
     if args.instructions:
-        _ensure_valgrind()
+        import callgrind
+
+        callgrind.ensure_valgrind()
     unit = "k instructions" if args.instructions else "µs"
     rows = [("this checkout", ROOT, "")]
     if args.baseline:

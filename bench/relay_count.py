@@ -21,17 +21,16 @@ idle (health checks, the progress watch: its background, also shown, per second)
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relay_cpu import ROOT, VENV_PYTHON, Proc, ensure_tool, free_port, gateway_config, launch
+import callgrind
+from relay_cpu import ROOT, VENV_PYTHON, Proc, free_port, gateway_config, launch
 
 PACE_MS = 10
 SHORT, LONG = 16, 64  # tokens of the two paced streams; their difference is per frame
@@ -47,24 +46,17 @@ class Counted:
         self.proc, self.out, self.dumps = proc, out, 0
         self.switching = self._total(lambda: None)  # what turning counting on and off costs
 
-    def _control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.proc.popen.pid)],
-                       capture_output=True, check=True, timeout=120)
-
     def count(self, work: Callable[[], object]) -> int:
         return self._total(work) - self.switching
 
     def _total(self, work: Callable[[], object]) -> int:
-        self._control("-i", "on")
+        pid = self.proc.popen.pid
+        callgrind.control(pid, "-i", "on")
         work()
-        self._control("-i", "off")
-        self._control("-d")  # a dump of its own, and the counters start again from zero
+        callgrind.control(pid, "-i", "off")
+        callgrind.control(pid, "-d")  # a dump of its own: the counters start again from zero
         self.dumps += 1
-        part = Path(f"{self.out}.{self.dumps}")
-        for line in part.read_text().splitlines():
-            if line.startswith("totals:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no totals in {part}")
+        return callgrind.total(f"{self.out}.{self.dumps}")
 
 
 class Connection:
@@ -111,10 +103,8 @@ def _relay(kind: str, root: Path, upstream: int, workdir: Path) -> tuple[Proc, P
     else:
         args, ready = [python, str(ROOT / "bench" / "relay_floor.py"), "--mode", kind, "--port",
                        str(port), "--upstream", f"http://127.0.0.1:{upstream}"], None
-    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={out}"]
-    return launch(f"{kind} {root}", [*valgrind, *args], port, workdir, ready, wait_s=600,
-                  root=root), out
+    return launch(f"{kind} {root}", [*callgrind.command(out), *args], port, workdir, ready,
+                  wait_s=600, root=root), out
 
 
 def measure(kind: str, root: Path, upstream: int, workdir: Path, requests: int,
@@ -162,7 +152,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per figure")
     parser.add_argument("--paced", type=int, default=20, help="paced streams of each length")
     args = parser.parse_args()
-    ensure_tool("valgrind", "valgrind", install=True)
+    callgrind.ensure_valgrind()
     os.environ["PYTHONHASHSEED"] = "0"  # the relays' children: one hash seed, one count
     rows = [("gateway, this checkout", "gateway", ROOT)]
     if args.baseline:
@@ -187,8 +177,6 @@ def main() -> None:
                 print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         finally:
             upstream.stop()
-        for leftover in glob.glob(str(workdir / "*.callgrind*")):
-            os.unlink(leftover)
 
 
 if __name__ == "__main__":
