@@ -344,6 +344,18 @@ def test_room_that_a_model_only_this_node_serves_is_about_to_want_is_not_free() 
     assert place(routes, {"a": quiet, "b": b}, CONFIG, NOW).index == 0  # not wanted: free
 
 
+def test_a_model_only_one_node_serves_keeps_its_room_through_a_quiet_spell() -> None:
+    # The 70B is asked for every 75 s, but none has come for 300 s, so its rate reads 1/300:
+    # within the 140 s a newcomer would keep it away a request is less likely than not
+    # (0.37), yet quiet spells that long are 2 % of its gaps. Within twice that time (0.61)
+    # it is wanted, so the newcomer goes where room is made instead.
+    routes, nodes = seventy_on_the_mac(rate_per_s=1 / 300)
+    assert room(routes[0], nodes["mac"], CONFIG, NOW).takes_a_home
+    assert place(routes, nodes, CONFIG, NOW).index == 1
+    _, rare = seventy_on_the_mac(rate_per_s=1 / 600)  # 0.37 within twice the time: free
+    assert not room(routes[0], rare["mac"], CONFIG, NOW).takes_a_home
+
+
 def test_a_copy_still_unloading_is_not_room_to_load_it_again() -> None:
     # Node a is unloading the model's copy beside a model that fills the rest: once that copy
     # is gone it needs room made again, so node b, where it fits, takes it, a second slower.
