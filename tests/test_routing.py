@@ -4,7 +4,7 @@ cuts the connection, and the gateway serves on either way."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -76,14 +76,23 @@ def test_a_crash_is_a_500_in_the_fronts_shape_that_hides_the_internals(
 
 def test_a_crash_after_the_answer_began_cuts_the_connection(gateway: ServerThread) -> None:
     proxy = gateway.app.state.services.proxy  # type: ignore[attr-defined]
-    iter_stream = proxy.iter_stream
+    renamer = proxy.renamer
 
-    async def breaking(*args: Any) -> AsyncIterator[bytes]:
-        async for chunk in iter_stream(*args):
-            yield chunk
+    class Breaking:
+        """A relay step that passes its first chunk, then fails."""
+
+        fed = 0
+
+        def feed(self, chunk: bytes) -> bytes:
+            self.fed += 1
+            if self.fed > 1:
+                raise RuntimeError(SECRET)
+            return chunk
+
+        def flush(self) -> bytes:
             raise RuntimeError(SECRET)
 
-    proxy.iter_stream = breaking
+    proxy.renamer = lambda call, target: Breaking()
     with capture_logs() as logs:
         with pytest.raises(httpx.RemoteProtocolError):  # an incomplete chunked body
             with httpx.stream("POST", f"{gateway.url}/v1/chat/completions",
@@ -93,7 +102,7 @@ def test_a_crash_after_the_answer_began_cuts_the_connection(gateway: ServerThrea
                     pass
         wait_until(lambda: any(e["event"] == "request.crashed" for e in logs),
                    message="the crash logged")
-    proxy.iter_stream = iter_stream
+    proxy.renamer = renamer
     assert_serves(gateway)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -105,23 +105,11 @@ class ResponseCache:
             self._write(ticket, record)
         return record
 
-    async def tee(self, ticket: CacheTicket, call: ApiCall, chunks: AsyncIterator[bytes],
-                  on_record: Callable[[Record | None], None]) -> AsyncIterator[bytes]:
-        """Relay `chunks` unchanged; store the answer only if the stream completed, and hand
-        the record (or None) to `on_record`."""
-        accumulator = SseAccumulator(call.endpoint)
-        completed = False
-        try:
-            async for chunk in chunks:
-                accumulator.feed(chunk)
-                yield chunk
-            completed = True
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        record = accumulator.result() if completed else None
-        if record is not None:
-            self._write(ticket, record)
-        on_record(record)
+    def tee(self, ticket: CacheTicket, call: ApiCall,
+            on_record: Callable[[Record | None], None]) -> CacheTee:
+        """A relay step that keeps a copy of the stream, to store once it was relayed whole."""
+        return CacheTee(SseAccumulator(call.endpoint), lambda record: self._write(ticket, record),
+                        on_record)
 
     def _write(self, ticket: CacheTicket, record: Record) -> None:
         key = ticket.key
@@ -145,3 +133,28 @@ class ResponseCache:
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
         await self.store.close()
+
+
+class CacheTee:
+    """A stream's copy for the cache (a `relay.stream.Step`): every chunk passes unchanged; at
+    the end the answer is stored if it was relayed whole and is complete, and the record (or
+    None) goes to `on_record`."""
+
+    __slots__ = ("_accumulator", "_on_record", "_store")
+
+    def __init__(self, accumulator: SseAccumulator, store: Callable[[Record], None],
+                 on_record: Callable[[Record | None], None]) -> None:
+        self._accumulator, self._store, self._on_record = accumulator, store, on_record
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._accumulator.feed(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def end(self, whole: bool) -> None:
+        record = self._accumulator.result() if whole else None
+        if record is not None:
+            self._store(record)
+        self._on_record(record)

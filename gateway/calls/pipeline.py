@@ -14,7 +14,6 @@ swapping, queueing, cache, coalescing and limits:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Send
 
 from gateway.cache.replay import Record, record_from_json, render_sse
 from gateway.cache.responses import CacheTicket
@@ -32,8 +32,17 @@ from gateway.calls.parse import ApiCall, too_large
 from gateway.config.schema import BackendConfig, ModelConfig
 from gateway.errors import GatewayError, model_not_found
 from gateway.relay.client import UpstreamResponse
-from gateway.relay.proxy import check_stream_answer
-from gateway.relay.stream import SSE_HEADERS, RelayResponse, until_disconnect
+from gateway.relay.proxy import UpstreamStream, check_stream_answer
+from gateway.relay.stream import (
+    SSE_HEADERS,
+    Body,
+    Relay,
+    RelayResponse,
+    Step,
+    body_of,
+    until_disconnect,
+    write,
+)
 from gateway.relay.usage import UsageScanner, usage_of
 from gateway.residency.admission import Lease
 from gateway.services import Services
@@ -43,12 +52,7 @@ Answer = Response | RelayResponse
 log = structlog.get_logger("gateway")
 
 
-class Frames(Protocol):
-    """One stream's translation, fed the upstream bytes piece by piece."""
-
-    def feed(self, chunk: bytes) -> bytes: ...
-
-    def flush(self) -> bytes: ...
+Frames = Step  # a front's translation of one stream, fed the upstream bytes piece by piece
 
 
 class Shape(Protocol):
@@ -232,7 +236,7 @@ class CallPipeline:
         body = self.services.cache.replay(exchange.call, record)
         if isinstance(body, bytes):
             return json_response(exchange.shape.json(body), headers={"x-cache": cache_header})
-        return RelayResponse(_async(self.shaped(exchange, body)),
+        return RelayResponse(body_of(self.shaped(exchange, body)),
                              headers=self.stream_headers(exchange, cache_header))
 
     def shaped(self, exchange: Exchange, chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -258,8 +262,7 @@ class CallPipeline:
         owner = CallOwner(self.services.scheduler)  # for that call of our own, if it comes to it
         if exchange.call.stream:
             headers = {**self.stream_headers(exchange, "MISS"), "x-coalesced": "true"}
-            return _carry(owner, RelayResponse(self.stream_after_follow(exchange, owner,
-                                                                        leadership),
+            return _carry(owner, RelayResponse(self.after_follow(exchange, owner, leadership),
                                                headers=headers))
         record = await until_disconnect(exchange.request.receive, leadership.outcome())
         if record is not None:
@@ -315,7 +318,7 @@ class CallPipeline:
         if not granted.done() and hold >= swap_timeout:
             raise owner.gave_up(swap_timeout)
         if not granted.done():
-            return RelayResponse(self.stream_after_wait(exchange, owner, granted),
+            return RelayResponse(self.after_wait(exchange, owner, granted),
                                  headers=self.stream_headers(exchange, exchange.cache.header))
         lease = granted.result()  # a failed load is raised here, with its own status
         response = await until_disconnect(exchange.request.receive,
@@ -339,7 +342,7 @@ class CallPipeline:
             return json_response(exchange.shape.json(body),
                                  headers={"x-cache": exchange.cache.header})
         chunks = render_sse({**record, "model": call.model}, include_usage=True)
-        return RelayResponse(_async(self.shaped(exchange, chunks)),
+        return RelayResponse(body_of(self.shaped(exchange, chunks)),
                              headers=self.stream_headers(exchange, exchange.cache.header))
 
     async def open_stream(self, exchange: Exchange, owner: CallOwner,
@@ -363,64 +366,71 @@ class CallPipeline:
             yield exchange.shape.heartbeat(f"{what} {exchange.call.model} ({waited:.0f} s)")
             await asyncio.wait((task,), timeout=interval)
 
-    async def stream_after_follow(self, exchange: Exchange, owner: CallOwner,
-                                  leadership: Leadership) -> AsyncIterator[bytes]:
-        outcome = asyncio.ensure_future(leadership.outcome())
-        try:
-            async for comment in self.heartbeat(exchange, outcome, "waiting for"):
-                yield comment
-        finally:
-            outcome.cancel()
-        record = outcome.result()
-        if record is not None:
-            for chunk in self.shaped(exchange, self.services.cache.replay(exchange.call, record)):
-                yield chunk
-            return
-        swapper = self.services.config.swapper
-        try:
-            granted = owner.ask(exchange.model, swapper.load_timeout_s)
-        except GatewayError as exc:
-            yield exchange.shape.stream_error(exc)
-            return
-        async for chunk in self.stream_after_wait(exchange, owner, granted):
-            yield chunk
+    def after_follow(self, exchange: Exchange, owner: CallOwner,
+                     leadership: Leadership) -> Body:
+        async def body(send: Send) -> None:
+            outcome = asyncio.ensure_future(leadership.outcome())
+            try:
+                await body_of(self.heartbeat(exchange, outcome, "waiting for"))(send)
+            finally:
+                outcome.cancel()
+            record = outcome.result()
+            if record is not None:
+                replayed = self.services.cache.replay(exchange.call, record)
+                await body_of(self.shaped(exchange, replayed))(send)
+                return
+            swapper = self.services.config.swapper
+            try:
+                granted = owner.ask(exchange.model, swapper.load_timeout_s)
+            except GatewayError as exc:
+                await write(send, exchange.shape.stream_error(exc))
+                return
+            await self.after_wait(exchange, owner, granted)(send)
 
-    async def stream_after_wait(self, exchange: Exchange, owner: CallOwner,
-                                granted: asyncio.Future[Lease]) -> AsyncIterator[bytes]:
-        async for comment in self.heartbeat(exchange, granted, "loading"):
-            yield comment
-        try:
-            response = await self.open_stream(exchange, owner, granted.result())
-        except GatewayError as exc:
-            yield exchange.shape.stream_error(exc)
-            return
-        async with contextlib.aclosing(
-                self.relay(exchange, owner, response, granted.result())) as chunks:
-            async for chunk in chunks:  # closed at once if our own client leaves
-                yield chunk
+        return body
 
-    async def relay(self, exchange: Exchange, owner: CallOwner, response: UpstreamResponse,
-                    lease: Lease) -> AsyncIterator[bytes]:
-        """The upstream stream, teed into the cache, in the front's shape (for the OpenAI
-        front: as it came, but for the usage the gateway asked for on the client's behalf,
-        which is read, then left out of what the client sees)."""
-        proxy, call = self.services.proxy, exchange.call
-        chunks = proxy.iter_stream(call, response, lease.target, proxy.renamer(call, lease.target))
+    def after_wait(self, exchange: Exchange, owner: CallOwner,
+                   granted: asyncio.Future[Lease]) -> Body:
+        async def body(send: Send) -> None:
+            await body_of(self.heartbeat(exchange, granted, "loading"))(send)
+            try:
+                response = await self.open_stream(exchange, owner, granted.result())
+            except GatewayError as exc:
+                await write(send, exchange.shape.stream_error(exc))
+                return
+            await self.relay(exchange, owner, response, granted.result())(send)
+
+        return body
+
+    def relay(self, exchange: Exchange, owner: CallOwner, response: UpstreamResponse,
+              lease: Lease) -> Relay:
+        """The upstream stream, renamed, teed into the cache, its usage read, in the front's
+        shape (for the OpenAI front: as it came, but for the usage the gateway asked for on
+        the client's behalf, which is read, then left out of what the client sees)."""
+        services, call, state = self.services, exchange.call, exchange.state
+        steps: list[Step] = []
+        renamer = services.proxy.renamer(call, lease.target)
+        if renamer is not None:
+            steps.append(renamer)
+        tee = None
         if exchange.cache.decision.write:
-            chunks = self.services.cache.tee(exchange.cache, call, chunks, owner.answered)
+            tee = services.cache.tee(exchange.cache, call, owner.answered)
+            steps.append(tee)
         scanner = UsageScanner()
-        scan, frames, state = scanner.feed, exchange.shape.frames(call), exchange.state
-        try:
-            async for chunk in chunks:
-                if "first_byte_at" not in state:
-                    state["first_byte_at"] = time.perf_counter()
-                scan(chunk)
-                yield frames.feed(chunk) if frames else chunk
-            if frames:
-                yield frames.flush()
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+        steps.append(scanner)
+        frames = exchange.shape.frames(call)
+        if frames is not None:
+            steps.append(frames)
+
+        def first() -> None:
+            state["first_byte_at"] = time.perf_counter()
+
+        def end(whole: bool) -> None:
             state["usage"] = scanner.usage
+            if tee is not None:
+                tee.end(whole)
+
+        return Relay(UpstreamStream(call, response, lease.target.backend), steps, first, end)
 
 
 def _swap_timeout(request: Request) -> float | None:
@@ -444,8 +454,3 @@ def _carry(owner: CallOwner, response: Answer) -> Answer:
     else:
         owner.close()
     return response
-
-
-async def _async(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk

@@ -28,6 +28,7 @@ from gateway.config.schema import Timeouts
 IDLE_S = 4.0  # an idle connection is dropped before uvicorn-based backends drop it (5 s)
 _HIGH_WATER = 256 * 1024  # buffered answer bytes at which reading pauses until the relay reads
 _ONE_WRITE = 64 * 1024  # a request body below this is copied behind its head: one write
+_TAIL = 64  # bytes of an answer's end kept for `tail()`
 
 
 class UpstreamError(Exception):
@@ -91,6 +92,7 @@ class UpstreamResponse:
         self.complete = False  # the whole answer has arrived
         self._failure: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._tail = b""
 
     @property
     def content_type(self) -> str:
@@ -99,16 +101,36 @@ class UpstreamResponse:
         return raw.partition(";")[0].strip().lower()
 
     async def next_chunk(self) -> bytes:
-        """All the body bytes buffered now, waiting for some first; b"" once it is whole."""
+        """All the body bytes buffered now, waiting for some first; b"" once it is whole.
+        The wait is written out here, not in a helper coroutine: a stream comes through here
+        once a frame."""
         while not self._chunks:
             if self.complete:
                 return b""
-            await self._wait()
+            if self._failure is not None:
+                raise self._failure
+            connection = self._connection
+            if connection is None:
+                raise BrokenOff("the answer was closed")
+            waiter = self._waiter = connection.loop.create_future()
+            connection.waiting()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         connection = self._connection
         if connection is not None and connection.paused:
             connection.resume()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # What was read last, at least its last _TAIL bytes (a closing marker cut in pieces)
+        self._tail = chunk if len(chunk) >= _TAIL else (self._tail + chunk)[-_TAIL:]
+        return chunk
+
+    def tail(self) -> bytes:
+        """The end of what was read, at least its last 64 bytes: where a stream says it is
+        complete."""
+        return self._tail
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes, enough for an error answer)."""
@@ -130,19 +152,6 @@ class UpstreamResponse:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.done(reusable=False)
-
-    async def _wait(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-        connection = self._connection
-        if connection is None:
-            raise BrokenOff("the answer was closed")
-        waiter = self._waiter = connection.loop.create_future()
-        connection.waiting()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
 
     def _wake(self) -> None:
         waiter = self._waiter

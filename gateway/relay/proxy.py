@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -200,27 +200,30 @@ class Proxy:
                                code="backend_invalid_response")
         return renamer.rename(body) if renamer else body
 
-    async def iter_stream(self, call: ApiCall, response: UpstreamResponse, target: Target,
-                          renamer: ModelRenamer | None) -> AsyncIterator[bytes]:
-        """Upstream SSE bytes as they arrive (all that is buffered in one piece); a failure
-        midway ends as one SSE error event."""
-        tail = b""
-        complete = False
-        try:
-            while chunk := await response.next_chunk():
-                tail = chunk[-64:] if len(chunk) >= 64 else (tail + chunk)[-64:]
-                yield renamer.feed(chunk) if renamer else chunk
-            if renamer:
-                yield renamer.flush()
-            complete = True
-        except (UpstreamError, TimeoutError) as exc:
-            yield backend_failure(target.backend, exc).sse_event()
-        finally:
-            if complete:
-                response.release()
-            else:
-                response.close()  # drop the connection so the backend stops generating
-        if complete and call.endpoint in ("chat/completions", "completions") \
-                and _DONE_MARKER not in tail:
-            message = f"Backend '{target.backend.name}' ended the stream before it was complete."
-            yield GatewayError(502, message, code="backend_stream_incomplete").sse_event()
+
+
+class UpstreamStream:
+    """An upstream SSE answer as a relay reads it (`relay.stream.Source`): its chunks as they
+    arrive, and the event that ends it when it broke off or stopped short."""
+
+    __slots__ = ("_backend", "_marked", "_response", "next_chunk")
+
+    def __init__(self, call: ApiCall, response: UpstreamResponse,
+                 backend: BackendConfig) -> None:
+        self.next_chunk = response.next_chunk  # all that is buffered, in one piece
+        self._response, self._backend = response, backend
+        self._marked = call.endpoint in ("chat/completions", "completions")  # ends with [DONE]
+
+    def ended(self) -> bytes:
+        self._response.release()
+        if self._marked and _DONE_MARKER not in self._response.tail():
+            message = f"Backend '{self._backend.name}' ended the stream before it was complete."
+            return GatewayError(502, message, code="backend_stream_incomplete").sse_event()
+        return b""
+
+    def failed(self, exc: UpstreamError | TimeoutError) -> bytes:
+        self._response.close()
+        return backend_failure(self._backend, exc).sse_event()
+
+    def close(self) -> None:
+        self._response.close()  # after `ended`, nothing: the connection went back to the pool

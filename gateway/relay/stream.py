@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError
+from gateway.relay.client import UpstreamError
 
 T = TypeVar("T")
 
@@ -103,12 +104,109 @@ class _Watch:
         return self._fired
 
 
+Body = Callable[[Send], Awaitable[None]]
+"""A stream's body: writes its chunks to `send` as body messages with more to come."""
+
+
+class Step(Protocol):
+    """One transform of a relayed stream (a rename, the cache's copy, the usage, the front's
+    shape): a plain function of each chunk, and what it held back once the stream ends."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class Source(Protocol):
+    """An upstream answer as a relay reads it."""
+
+    async def next_chunk(self) -> bytes: ...  # b"" once whole; raises when it breaks off
+
+    def ended(self) -> bytes: ...  # read whole: let the upstream go; the event for a stream
+    # that stopped short, else b""
+
+    def failed(self, exc: UpstreamError | TimeoutError) -> bytes: ...  # let the upstream go;
+    # the event ending a stream that broke off
+
+    def close(self) -> None: ...  # drop the upstream (the backend stops generating)
+
+
+async def write(send: Send, chunk: bytes) -> None:
+    if chunk:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def body_of(chunks: AsyncIterator[bytes] | Iterable[bytes]) -> Body:
+    """A body of chunks produced by an iterator (a replay, a heartbeat): closed however the
+    response ends."""
+    async def body(send: Send) -> None:
+        if isinstance(chunks, AsyncIterator):
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    await write(send, chunk)
+        else:
+            for chunk in chunks:
+                await write(send, chunk)
+
+    return body
+
+
+class Relay:
+    """One upstream stream relayed in one loop: each chunk through `steps` in order, then to
+    the client. A stream comes through here once a frame, so nothing in it is a generator or
+    a coroutine of its own; what a step does at the end (store the answer, read the usage)
+    goes to `on_end`, which learns whether the stream was relayed whole."""
+
+    __slots__ = ("on_end", "on_first", "source", "steps")
+
+    def __init__(self, source: Source, steps: Sequence[Step],
+                 on_first: Callable[[], None], on_end: Callable[[bool], None]) -> None:
+        self.source, self.steps = source, tuple(steps)
+        self.on_first, self.on_end = on_first, on_end
+
+    async def __call__(self, send: Send) -> None:
+        source, feeds = self.source, [step.feed for step in self.steps]
+        whole = False
+        try:
+            try:
+                chunk = await source.next_chunk()
+                self.on_first()
+                while chunk:
+                    for feed in feeds:
+                        chunk = feed(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
+                    chunk = await source.next_chunk()
+                last = source.ended()
+            except (UpstreamError, TimeoutError) as exc:
+                last = source.failed(exc)
+            await self._flush(send, last)
+            whole = True
+        finally:
+            source.close()
+            self.on_end(whole)
+
+    async def _flush(self, send: Send, last: bytes) -> None:
+        """The source's last event, then what each step held back, each through the steps
+        after it."""
+        steps = self.steps
+        for at in range(len(steps) + 1):
+            chunk = last if at == 0 else steps[at - 1].flush()
+            if not chunk:
+                continue
+            for step in steps[at:]:
+                chunk = step.feed(chunk)
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
 class RelayResponse:
     """Streams `body` to the client as produced; cancels it when the client disconnects."""
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        body: Body,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], None] | None = None,
@@ -117,7 +215,7 @@ class RelayResponse:
         self.status_code = status_code
         self.headers = dict(SSE_HEADERS if headers is None else headers)
         # Runs however the response ends, even if the body was never started (a client that
-        # left at once): a generator's own `finally` does not run then.
+        # left at once): a body's own `finally` does not run then.
         self.on_close = on_close
         self._watch: _Watch | None = None
 
@@ -138,9 +236,7 @@ class RelayResponse:
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": raw_headers})
-            async for chunk in self.body:
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self.body(send)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away while we were writing
@@ -151,10 +247,6 @@ class RelayResponse:
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": _CUT.sse_event()})
             raise
-        finally:
-            aclose = getattr(self.body, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 class ModelRenamer:
@@ -172,15 +264,17 @@ class ModelRenamer:
 
     def rename(self, data: bytes) -> bytes:
         """Most answers write `"model":"name"` compactly: a plain replace does those, and the
-        pattern (spaces around the colon) runs only if the name is still there."""
-        if self._served not in data:
-            return data
-        data = data.replace(*self._compact)
-        if self._served not in data:
+        pattern (spaces around the colon) runs only if the name is still there. (`find`, not
+        `in`: bytes' `in` first tries its operand as an integer, which costs a raised and
+        cleared TypeError, twice what the search does on a frame.)"""
+        data = data.replace(*self._compact)  # the same object when there is nothing to replace
+        if data.find(self._served) < 0:
             return data
         return self._pattern.sub(self._replacement, data)
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"\n"):
+            return self.rename(chunk)  # whole lines: the usual frame
         data = self._pending + chunk
         cut = data.rfind(b"\n") + 1
         self._pending = data[cut:]

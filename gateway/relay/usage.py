@@ -55,11 +55,16 @@ class UsageScanner:
         self._head: bytes | None = None  # the stream's start, once bytes have been dropped
         self._recent: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """A relay step (`relay.stream.Step`): the chunk passes as it came."""
         recent = self._recent
         recent.append(chunk)
         if len(recent) >= _JOIN_EVERY:
             self._join()
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
 
     def _join(self) -> None:
         joined = b"".join(self._recent)
