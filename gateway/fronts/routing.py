@@ -18,12 +18,13 @@ from starlette import routing
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.relay.stream import ClientGone
 
 log = structlog.get_logger("gateway")
+_ANSWERING = "gateway.answering"  # a scope key: the handler returned, its answer is being sent
 Handler = Callable[[Request], Awaitable[Any]]  # answers a Response or a RelayResponse
 
 
@@ -42,13 +43,15 @@ class _Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.handler(Request(scope, receive, send))
+        scope[_ANSWERING] = True  # from here on, a failure may come after the status line
         await response(scope, receive, send)
 
 
 class Failures:
     """ASGI middleware: an exception before the answer started becomes the answer; one after
     it cannot (the status line is out), and goes on to the server, which closes the
-    connection."""
+    connection. Every route's endpoint says when its answer begins (`_ANSWERING`): a wrapper
+    of `send` would tell as well, but every frame of a stream would pass through it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -57,17 +60,10 @@ class Failures:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def sending(message: Message) -> None:
-            nonlocal started
-            started = True  # the first message is always the start
-            await send(message)
-
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receive, send)
         except Exception as exc:
-            if started:
+            if scope.get(_ANSWERING):
                 if not isinstance(exc, ClientGone | ClientDisconnect | OSError):
                     log.error("request.crashed", error=repr(exc), exc_info=exc)
                 raise
