@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -210,3 +211,25 @@ async def test_a_client_that_leaves_lets_the_upstream_go_and_the_stream_counts_a
     upstream = Upstream([b"ab", b"cd", b"ef"])
     body, ends, _ = await relayed(upstream, [Tags()], fail_send_after=1)
     assert body == b"<ab>" and ends == [False] and upstream.let_go == ["closed"]
+
+
+async def test_a_finished_stream_leaves_no_garbage_cycle() -> None:
+    """A stream's watch on its client, left as a reference cycle, would leave each stream's
+    objects to the garbage collector, whose passes over 1,000 open streams stall them all."""
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}  # pragma: no cover
+
+    async def send(message: Any) -> None:
+        pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        await RelayResponse(body_of([b"data: 1\n\n"]))({"type": "http"}, receive, send)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the watcher's cancellation is delivered
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -98,7 +98,11 @@ class _Watch:
             if self._later is not None:
                 self._later.cancel()
             if self._watcher is not None:
+                # Let the watcher go: its cancellation's traceback holds its frame, which
+                # holds this watch, so a reference back to it would make a cycle that only
+                # the garbage collector frees, one per stream.
                 self._watcher.cancel()
+                self._watcher = None
             if self._fired and self._task is not None:
                 self._task.uncancel()
         return self._fired
