@@ -27,6 +27,7 @@ from gateway.config.reader import load_config
 from gateway.config.reload import file_loader
 from gateway.config.schema import DEFAULT_PORT, ConfigError, GatewayConfig
 from gateway.demo import DEMO_DIR, QUIET_EVENTS, prepare_demo
+from gateway.listener import Listener
 from gateway.logs import LOG_FORMATS, configure_logging, resolve_format
 from gateway.services import Services
 
@@ -130,10 +131,21 @@ class GatewayServer(uvicorn.Server):
         return FORCED_EXIT if self.force_exit else 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the app's lifespan), with the gateway's own `Listener` on each
+        socket in place of the loop's server: it takes in every waiting connection at once."""
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-        if self.started:
-            self.banner()
+        await super().startup([])
+        if not self.started:
+            return
+        config = self.config
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state)
+
+        self.servers = [Listener(sock, protocol, config.backlog)  # type: ignore[misc]
+                        for sock in sockets or ()]
+        self.banner()
 
     def _open_requests(self) -> int:
         return sum(1 for task in self.server_state.tasks if not task.done())
