@@ -124,15 +124,22 @@ class Step(Protocol):
 class Source(Protocol):
     """An upstream answer as a relay reads it."""
 
-    async def next_chunk(self) -> bytes: ...  # b"" once whole; raises when it breaks off
+    async def next_chunk(self) -> bytes:
+        """What has arrived; b"" once whole; raises when the upstream breaks off."""
+        ...
 
-    def ended(self) -> bytes: ...  # read whole: let the upstream go; the event for a stream
-    # that stopped short, else b""
+    def ended(self) -> bytes:
+        """Read whole: let the upstream go; the event for a stream that stopped short, else
+        b""."""
+        ...
 
-    def failed(self, exc: UpstreamError | TimeoutError) -> bytes: ...  # let the upstream go;
-    # the event ending a stream that broke off
+    def failed(self, exc: UpstreamError | TimeoutError) -> bytes:
+        """Broken off: let the upstream go; the event that ends the stream."""
+        ...
 
-    def close(self) -> None: ...  # drop the upstream (the backend stops generating)
+    def close(self) -> None:
+        """Drop the upstream, if it is still held (the backend stops generating)."""
+        ...
 
 
 async def write(send: Send, chunk: bytes) -> None:
@@ -178,7 +185,7 @@ class Relay:
                 while chunk:
                     for feed in feeds:
                         chunk = feed(chunk)
-                    if chunk:
+                    if chunk:  # `write`, written out: a coroutine less a frame
                         await send({"type": "http.response.body", "body": chunk,
                                     "more_body": True})
                     chunk = await source.next_chunk()
@@ -201,8 +208,7 @@ class Relay:
                 continue
             for step in steps[at:]:
                 chunk = step.feed(chunk)
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await write(send, chunk)
 
 
 class RelayResponse:
